@@ -1,0 +1,30 @@
+"""Attention blocks, each usable on its own: ``GroupAttention(channels, groups=15)`` and the paper's baselines."""
+from __future__ import annotations
+
+from torch import nn
+
+from ganet.layers.cbam import CBAM
+from ganet.layers.group_attention import GroupAttention
+from ganet.layers.non_local import GroupNonLocal, NonLocal
+from ganet.layers.sge import SpatialGroupEnhance
+from ganet.layers.squeeze_excite import SqueezeExcite
+
+__all__ = ["CBAM", "GroupAttention", "GroupNonLocal", "NonLocal", "SpatialGroupEnhance", "SqueezeExcite",
+           "get_attn", "ATTN_LAYERS"]
+
+ATTN_LAYERS: dict[str, type[nn.Module]] = {
+    "se": SqueezeExcite,
+    "cbam": CBAM,
+    "sge": SpatialGroupEnhance,
+    "nl": NonLocal,
+    "gnl": GroupNonLocal,
+    "ga": GroupAttention,
+}
+
+
+def get_attn(name: str) -> type[nn.Module]:
+    """The attention class for a short name ("ga", "se", ...); every class takes ``channels`` first."""
+    try:
+        return ATTN_LAYERS[name]
+    except KeyError:
+        raise ValueError(f"unknown attention {name!r}; valid names: {', '.join(sorted(ATTN_LAYERS))}") from None

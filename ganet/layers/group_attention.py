@@ -1,0 +1,169 @@
+"""Group Attention (GA) block.
+
+Paper: "GANet: Unary Attention Reaches Pairwise Attention via Implicit Group Clustering in Light-Weight CNNs",
+Cheng Zhuang and Yunlian Sun (equations (1)-(9)).
+
+The block splits a (B, C, H, W) feature map into G groups of C/G channels and applies two unary attentions:
+
+* U4U, unary attention for unary relation (eqs. 1-2): a 1x1 conv over *all* channels gives one map per group;
+  ``sigmoid(normalize(.))`` of it scales every channel of that group.
+* U4P, unary attention for pairwise relation (eqs. 3-7): per-group 1x1 convs over the U4U output give a pooling mask
+  (``softmax`` over H*W of the normalized map) and an assigning mask (``sigmoid`` of the normalized map). The
+  pooled group vector is spread back to every pixel by the assigning mask and added with a learnable per-group
+  ``alpha`` that starts at 0.
+
+``normalize()`` (eqs. 8-9) standardises every map over H*W, ``(a - mu) / (sigma + eps)`` with the population
+standard deviation, then applies a learnable per-map affine (gamma = 1, beta = 0 at init: the identity).
+
+Eq. (4) as printed divides the softmax-weighted sum by H*W. The softmax weights already sum to one, so the sum is a
+weighted *mean*; dividing once more shrinks the entity vector by the feature-map area (1/1024 at 32x32, 1/49 at
+7x7), which makes the scale alpha has to learn depend on the input resolution and slows its gradient by the same
+factor. We follow the weighted-mean reading: ``y = sum_p softmax(a)_p * x_p``, no extra 1/(H*W). A model trained
+at one resolution then keeps its meaning at another.
+
+Implementation notes (why ``forward`` does not look like the equations line by line). On a CPU this block is
+memory-bound: its cost is the number of full passes over the (B, C, H, W) map, not its FLOPs. The forward pass
+makes four: the three logit maps come from one matmul over the *input* (the per-group convs are linear, so
+``conv_g(x * u) = u * conv_g(x)`` and the per-map conv bias is removed exactly by ``normalize``), the pooled
+vectors come from one batched matmul, and ``x * u`` plus the rank-1 pairwise term is one multiply and one
+``baddbmm``. Everything else runs on the G small maps. ``tests/test_group_attention.py`` checks it against a
+direct transcription of the equations.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["GroupAttention"]
+
+
+class GroupAttention(nn.Module):
+    """Group Attention block (GANet, eqs. 1-9).
+
+    Args:
+        channels: input (and output) channels C; must be divisible by ``groups``.
+        groups: number of groups G (the paper uses 15).
+        use_u4u: keep the unary attention for unary relation (Table 2 "-U4U" sets it False).
+        use_u4p: keep the unary attention for pairwise relation (Table 2 "-U4P" sets it False).
+        normalize: keep ``normalize()`` before every mask (Table 2 "-Normalize" sets it False).
+        eps: the epsilon of eq. (8).
+
+    Shape: (B, C, H, W) -> (B, C, H, W).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        groups: int = 15,
+        use_u4u: bool = True,
+        use_u4p: bool = True,
+        normalize: bool = True,
+        eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if groups < 1 or channels % groups != 0:
+            raise ValueError(f"GroupAttention: channels ({channels}) must be divisible by groups ({groups})")
+        if not (use_u4u or use_u4p):
+            raise ValueError("GroupAttention: use_u4u and use_u4p cannot both be False (the block would be empty)")
+        self.channels = channels
+        self.groups = groups
+        self.use_u4u = use_u4u
+        self.use_u4p = use_u4p
+        self.normalize = normalize
+        self.eps = eps
+
+        # Parameter layout follows the paper's modules; the per-map affine of normalize() is (gamma, beta) per group.
+        if use_u4u:
+            self.u4u_conv = nn.Conv2d(channels, groups, 1)  # eq. (1): all channels -> one map per group
+            if normalize:
+                self.u4u_gamma = nn.Parameter(torch.ones(groups))
+                self.u4u_beta = nn.Parameter(torch.zeros(groups))
+        if use_u4p:
+            self.pool_conv = nn.Conv2d(channels, groups, 1, groups=groups)  # eq. (3): within each group
+            self.assign_conv = nn.Conv2d(channels, groups, 1, groups=groups)  # eq. (5)
+            if normalize:
+                self.pool_gamma = nn.Parameter(torch.ones(groups))
+                self.pool_beta = nn.Parameter(torch.zeros(groups))
+                self.assign_gamma = nn.Parameter(torch.ones(groups))
+                self.assign_beta = nn.Parameter(torch.zeros(groups))
+            self.alpha = nn.Parameter(torch.zeros(groups))  # eq. (7), zero so training starts from U4U alone
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.channels}, groups={self.groups}, use_u4u={self.use_u4u}, use_u4p={self.use_u4p}, "
+            f"normalize={self.normalize}"
+        )
+
+    def _affine_norm(self, logits: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                     inplace: bool) -> torch.Tensor:
+        """normalize() of eqs. (8)-(9) over the last dim: gamma * (a - mu) / (sigma + eps) + beta.
+
+        ``inplace`` overwrites ``logits`` (a buffer of our own, in inference): on a CPU, fresh buffers of this size
+        cost more in page faults than the arithmetic does.
+        """
+        mean = logits.mean(dim=-1, keepdim=True)  # (torch.var_mean is several times slower on short CPU rows)
+        centered = logits.sub_(mean) if inplace else logits - mean
+        sigma = torch.linalg.vector_norm(centered, dim=-1, keepdim=True) * logits.shape[-1] ** -0.5
+        scale = gamma.unsqueeze(-1) / (sigma + self.eps)
+        return torch.addcmul(beta.unsqueeze(-1), centered, scale, out=centered if inplace else None)
+
+    def _group_weights(self) -> torch.Tensor:
+        """The three 1x1 convs as one (3G, C) matrix: U4U rows are dense, pool/assign rows are block-diagonal."""
+        g, c = self.groups, self.channels // self.groups
+        eye = torch.eye(g, dtype=self.pool_conv.weight.dtype, device=self.pool_conv.weight.device)
+        pool = (eye[:, :, None] * self.pool_conv.weight.view(g, 1, c)).reshape(g, self.channels)
+        assign = (eye[:, :, None] * self.assign_conv.weight.view(g, 1, c)).reshape(g, self.channels)
+        rows = [pool, assign]
+        if self.use_u4u:
+            rows.insert(0, self.u4u_conv.weight.view(g, self.channels))
+        return torch.cat(rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, ch, h, w = x.shape
+        g, c, n = self.groups, ch // self.groups, h * w
+        # (B, G, C/G, N) views of x; for NCHW and channels_last inputs alike (no copy), and the output keeps x's layout.
+        xg = x.reshape(b, g, c, n)
+        inplace = not torch.is_grad_enabled()  # free to overwrite our own intermediates
+
+        if not self.use_u4p:  # Table 2 "-U4P": unary relation only
+            logits = torch.matmul(self.u4u_conv.weight.view(g, ch), x.reshape(b, ch, n))
+            return (xg * self._unary_mask(logits, inplace).unsqueeze(2)).view(b, ch, h, w)
+
+        # One pass over x for every logit map: (3G, C) @ (B, C, N) -> (B, 3G, N).
+        logits = torch.matmul(self._group_weights(), x.reshape(b, ch, n))
+        if self.use_u4u:
+            u = self._unary_mask(logits[:, :g], inplace)  # (B, G, N), eq. (1)
+            pair_logits = logits[:, g:].view(b, 2, g, n) * u.unsqueeze(1)  # conv_g(x * u) = u * conv_g(x)
+            x_unary = xg * u.unsqueeze(2)  # (B, G, C/G, N), eq. (2)
+        else:
+            pair_logits = logits.view(b, 2, g, n)
+            x_unary = xg
+        if self.normalize:
+            # The conv biases are constant per map, so normalize() removes them exactly: skip adding them.
+            gamma = torch.stack([self.pool_gamma, self.assign_gamma]).unsqueeze(0)  # (1, 2, G)
+            beta = torch.stack([self.pool_beta, self.assign_beta]).unsqueeze(0)
+            pair_logits = self._affine_norm(pair_logits, gamma, beta, inplace)
+        else:
+            pair_logits = pair_logits + torch.stack([self.pool_conv.bias, self.assign_conv.bias]).view(1, 2, g, 1)
+        pool_mask = torch.softmax(pair_logits[:, 0], dim=-1)  # (B, G, N), eq. (3)
+        assign_mask = pair_logits[:, 1].sigmoid_() if inplace else pair_logits[:, 1].sigmoid()  # eq. (5)
+
+        # eq. (4), weighted-mean reading: (B, G, 1, N) @ (B, G, N, C/G) -> (B, G, 1, C/G). This operand order runs
+        # ~10x faster on CPU than (.., C/G, N) @ (.., N, 1): the reduction runs over the contiguous N of both.
+        entity = torch.matmul(pool_mask.unsqueeze(2), x_unary.transpose(2, 3))
+        entity = entity.transpose(2, 3) * self.alpha.view(1, g, 1, 1)  # (B, G, C/G, 1); alpha_i scales group i
+        # eqs. (6)-(7): x_u + alpha * y * assign, a rank-1 update per group, in one pass.
+        if self.use_u4u and inplace:
+            out = x_unary.addcmul_(entity, assign_mask.unsqueeze(2))  # x_unary is our own buffer: reuse it
+        else:
+            out = torch.addcmul(x_unary, entity, assign_mask.unsqueeze(2))
+        return out.view(b, ch, h, w)
+
+    def _unary_mask(self, logits: torch.Tensor, inplace: bool) -> torch.Tensor:
+        """att^u of eq. (1) from the bias-free U4U conv output, (B, G, N) -> (B, G, N)."""
+        if self.normalize:  # normalize() removes the conv bias exactly, so it is never added
+            logits = self._affine_norm(logits, self.u4u_gamma.unsqueeze(0), self.u4u_beta.unsqueeze(0), inplace)
+        else:
+            logits = logits + self.u4u_conv.bias.view(1, -1, 1)
+        return logits.sigmoid_() if inplace else logits.sigmoid()

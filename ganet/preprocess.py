@@ -1,0 +1,77 @@
+"""The preprocessing definition that travels with a checkpoint. Imports neither torch nor torchvision.
+
+Training (evaluation transforms), export (the in-graph normalisation, calibration data) and serving all build
+their pipelines from this one object, read from the checkpoint's metadata.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = ["Preprocessing", "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR_MEAN", "CIFAR_STD"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR_MEAN = (0.5071, 0.4865, 0.4409)  # CIFAR-100 training set
+CIFAR_STD = (0.2673, 0.2564, 0.2762)
+
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an RGB image becomes the network's input.
+
+    Resize the shorter side to ``resize_size`` (``interpolation``), center-crop ``input_size`` x ``input_size``,
+    scale to [0, 1], then ``(x - mean) / std`` per channel. The tensor is (3, input_size, input_size), RGB.
+    """
+
+    input_size: int
+    resize_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+    crop: str = "center"
+
+    def __post_init__(self) -> None:
+        # Coerce JSON lists back to tuples so that a round trip through metadata compares equal.
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        problems = []
+        if not isinstance(self.input_size, int) or self.input_size < 1:
+            problems.append(f"input_size must be a positive integer, got {self.input_size!r}")
+        if not isinstance(self.resize_size, int) or self.resize_size < self.input_size:
+            problems.append(f"resize_size must be an integer >= input_size, got {self.resize_size!r}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            problems.append(f"mean and std need 3 values (RGB), got {len(self.mean)} and {len(self.std)}")
+        if any(s <= 0 for s in self.std):
+            problems.append(f"std values must be > 0, got {self.std}")
+        if self.interpolation not in INTERPOLATIONS:
+            problems.append(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
+        if self.crop != "center":
+            problems.append(f"crop must be 'center', got {self.crop!r}")
+        if problems:
+            raise ValueError("invalid preprocessing: " + "; ".join(problems))
+
+    @classmethod
+    def for_input_size(cls, input_size: int) -> Preprocessing:
+        """The standard definition: CIFAR statistics at 32x32 (no resize), ImageNet's 256 -> 224 otherwise."""
+        if input_size <= 32:
+            return cls(input_size, input_size, CIFAR_MEAN, CIFAR_STD)
+        return cls(input_size, round(input_size * 256 / 224), IMAGENET_MEAN, IMAGENET_STD)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
+        known = {"input_size", "resize_size", "mean", "std", "interpolation", "crop"}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"invalid preprocessing: unknown fields {sorted(unknown)}; expected {sorted(known)}")
+        missing = {"input_size", "resize_size", "mean", "std"} - set(d)
+        if missing:
+            raise ValueError(f"invalid preprocessing: missing fields {sorted(missing)}")
+        return cls(**d)

@@ -1,0 +1,46 @@
+"""A direct, loop-free transcription of GANet's equations (1)-(9), the reference GroupAttention is checked against.
+
+Written for clarity, not speed: every mask is computed exactly as printed, with the conv biases, on the (B, C, H, W)
+tensors, using the parameters of a ``ganet.GroupAttention`` instance. Eq. (4) uses the weighted-mean reading
+(no extra 1/(H*W)), as the block's docstring explains.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ganet import GroupAttention
+
+
+def normalize(a: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
+    """Eqs. (8)-(9) on (B, G, H, W) maps; gamma, beta: (G,)."""
+    mu = a.mean(dim=(2, 3), keepdim=True)
+    sigma = ((a - mu) ** 2).mean(dim=(2, 3), keepdim=True).sqrt()
+    a_bar = (a - mu) / (sigma + eps)
+    return gamma.view(1, -1, 1, 1) * a_bar + beta.view(1, -1, 1, 1)
+
+
+def group_attention_reference(block: GroupAttention, x: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.shape
+    g = block.groups
+    norm = (lambda a, gm, bt: normalize(a, gm, bt, block.eps)) if block.normalize else (lambda a, gm, bt: a)
+
+    x_groups = x.view(b, g, c // g, h, w)
+    if block.use_u4u:
+        att_u = torch.sigmoid(norm(block.u4u_conv(x), getattr(block, "u4u_gamma", None),
+                                   getattr(block, "u4u_beta", None)))  # eq. (1): (B, G, H, W)
+        x_u = x_groups * att_u.unsqueeze(2)  # eq. (2)
+    else:
+        x_u = x_groups
+    if not block.use_u4p:
+        return x_u.reshape(b, c, h, w)
+
+    x_u_flat = x_u.reshape(b, c, h, w)
+    pp = norm(block.pool_conv(x_u_flat), getattr(block, "pool_gamma", None), getattr(block, "pool_beta", None))
+    att_pp = F.softmax(pp.view(b, g, h * w), dim=-1).view(b, g, 1, h, w)  # eq. (3)
+    y = (att_pp * x_u).sum(dim=(3, 4), keepdim=True)  # eq. (4), weighted mean: (B, G, C/G, 1, 1)
+    pa = norm(block.assign_conv(x_u_flat), getattr(block, "assign_gamma", None), getattr(block, "assign_beta", None))
+    att_pa = torch.sigmoid(pa).unsqueeze(2)  # eq. (5): (B, G, 1, H, W)
+    x_p = y * att_pa  # eq. (6)
+    out = x_u + block.alpha.view(1, g, 1, 1, 1) * x_p  # eq. (7)
+    return out.reshape(b, c, h, w)
