@@ -95,6 +95,13 @@ class GroupAttention(nn.Module):
             f"normalize={self.normalize}"
         )
 
+    def extra_macs(self, input_shape: tuple[int, ...]) -> int:
+        """MACs for ganet-profile: the three 1x1 convs as the paper defines them (C*G + 2*C per pixel; the fused
+        matmul's zero blocks are not counted) and the weighted pooling of eq. (4) (C per pixel)."""
+        b, c, h, w = input_shape
+        per_pixel = (c * self.groups if self.use_u4u else 0) + (3 * c if self.use_u4p else 0)
+        return b * h * w * per_pixel
+
     def _affine_norm(self, logits: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
                      inplace: bool) -> torch.Tensor:
         """normalize() of eqs. (8)-(9) over the last dim: gamma * (a - mu) / (sigma + eps) + beta.

@@ -39,6 +39,11 @@ class NonLocal(nn.Module):
         self.bn = nn.BatchNorm2d(channels)
         nn.init.zeros_(self.bn.weight)
 
+    def extra_macs(self, input_shape: tuple[int, ...]) -> int:
+        """MACs of the two pixel-to-pixel products (affinity and aggregation) for ganet-profile."""
+        b, _, h, w = input_shape
+        return 2 * b * (h * w) ** 2 * self.inner
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         heads, d = self.groups, self.inner // self.groups
