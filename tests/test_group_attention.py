@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from ga_reference import group_attention_reference
+from ganet.layers.group_attention_reference import group_attention_reference
 from ganet import GroupAttention
 
 

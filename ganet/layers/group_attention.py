@@ -26,8 +26,8 @@ memory-bound: its cost is the number of full passes over the (B, C, H, W) map, n
 makes four: the three logit maps come from one matmul over the *input* (the per-group convs are linear, so
 ``conv_g(x * u) = u * conv_g(x)`` and the per-map conv bias is removed exactly by ``normalize``), the pooled
 vectors come from one batched matmul, and ``x * u`` plus the rank-1 pairwise term is one multiply and one
-``baddbmm``. Everything else runs on the G small maps. ``tests/test_group_attention.py`` checks it against a
-direct transcription of the equations.
+``baddbmm``. Everything else runs on the G small maps. ``tests/test_group_attention.py`` checks it against the
+direct transcription of the equations in ``group_attention_reference.py``.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """A direct, loop-free transcription of GANet's equations (1)-(9), the reference GroupAttention is checked against.
 
-Written for clarity, not speed: every mask is computed exactly as printed, with the conv biases, on the (B, C, H, W)
+Written for clarity, not speed (the tests compare the fast block with it; benchmarks/bench_ga_latency.py times it as
+the "straightforward" baseline): every mask is computed exactly as printed, with the conv biases, on the (B, C, H, W)
 tensors, using the parameters of a ``ganet.GroupAttention`` instance. Eq. (4) uses the weighted-mean reading
 (no extra 1/(H*W)), as the block's docstring explains.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ganet import GroupAttention
+from ganet.layers.group_attention import GroupAttention
 
 
 def normalize(a: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:

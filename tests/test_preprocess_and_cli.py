@@ -1,0 +1,67 @@
+"""The preprocessing definition and the commands' contracts."""
+import subprocess
+import sys
+
+import pytest
+
+import ganet
+from ganet.preprocess import CIFAR_MEAN, IMAGENET_MEAN, Preprocessing
+
+
+def test_standard_definitions():
+    assert Preprocessing.for_input_size(32) == Preprocessing(32, 32, CIFAR_MEAN, (0.2673, 0.2564, 0.2762))
+    imagenet = Preprocessing.for_input_size(224)
+    assert (imagenet.resize_size, imagenet.mean) == (256, IMAGENET_MEAN)
+    assert ganet.model_info("ga_shufflenet_v2").default_preprocessing() == imagenet
+
+
+def test_dict_round_trip():
+    p = Preprocessing(64, 72, (0.1, 0.2, 0.3), (0.3, 0.2, 0.1), "bicubic")
+    assert Preprocessing.from_dict(p.to_dict()) == p
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(input_size=0), "input_size"),
+    (dict(resize_size=16), "resize_size"),
+    (dict(std=(1.0, 0.0, 1.0)), "std"),
+    (dict(mean=(0.5, 0.5)), "3 values"),
+    (dict(interpolation="lanczos9"), "interpolation"),
+])
+def test_invalid_values_name_the_field(changes, match):
+    fields = dict(input_size=32, resize_size=32, mean=(0.5,) * 3, std=(0.5,) * 3) | changes
+    with pytest.raises(ValueError, match=match):
+        Preprocessing(**fields)
+
+
+def test_from_dict_rejects_unknown_and_missing_fields():
+    good = Preprocessing.for_input_size(32).to_dict()
+    with pytest.raises(ValueError, match="unknown fields.*colour"):
+        Preprocessing.from_dict(good | {"colour": "rgb"})
+    with pytest.raises(ValueError, match="missing fields.*std"):
+        Preprocessing.from_dict({k: v for k, v in good.items() if k != "std"})
+
+
+def test_demo_end_to_end(tmp_path):
+    result = subprocess.run(["ganet-demo", "--output", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "logits identical = True" in result.stdout
+    assert (tmp_path / "ga_shufflenet_v2_cifar.safetensors").is_file()
+    assert "ga_shufflenet_v2_cifar" in result.stdout and "194.14" in result.stdout  # the Table 1 profile
+
+
+def test_demo_unknown_model(tmp_path):
+    result = subprocess.run(["ganet-demo", "--model", "nope", "--output", str(tmp_path)], capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and "unknown model 'nope'" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["ganet-train", "ganet-export", "ganet-serve"])
+def test_unbuilt_commands_say_so(command):
+    result = subprocess.run([command], capture_output=True, text=True)
+    assert result.returncode != 0 and "not available" in result.stderr
+
+
+def test_package_root_is_torch_free():
+    code = "import sys; sys.modules['torch'] = None; import ganet, ganet.preprocess, ganet.checkpoint; print('ok')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
