@@ -35,6 +35,16 @@ def test_matches_equations(kwargs, shape, grad):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("kwargs", ABLATIONS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()) or "full")
+def test_inplace_matches_equations(kwargs):
+    block = randomize(GroupAttention(60, inplace=True, **kwargs))
+    x = torch.randn(2, 60, 6, 6)
+    ref = group_attention_reference(block, x)
+    with torch.no_grad():
+        out = block(x.clone())
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_matches_equations_channels_last():
     block = randomize(GroupAttention(60))
     x = torch.randn(2, 60, 6, 9).contiguous(memory_format=torch.channels_last)

@@ -22,12 +22,13 @@ factor. We follow the weighted-mean reading: ``y = sum_p softmax(a)_p * x_p``, n
 at one resolution then keeps its meaning at another.
 
 Implementation notes (why ``forward`` does not look like the equations line by line). On a CPU this block is
-memory-bound: its cost is the number of full passes over the (B, C, H, W) map, not its FLOPs. The forward pass
-makes four: the three logit maps come from one matmul over the *input* (the per-group convs are linear, so
-``conv_g(x * u) = u * conv_g(x)`` and the per-map conv bias is removed exactly by ``normalize``), the pooled
-vectors come from one batched matmul, and ``x * u`` plus the rank-1 pairwise term is one multiply and one
-``baddbmm``. Everything else runs on the G small maps. ``tests/test_group_attention.py`` checks it against the
-direct transcription of the equations in ``group_attention_reference.py``.
+memory-bound: its cost is the number of full passes over the (B, C, H, W) map and the fresh buffers it allocates,
+not its FLOPs. The forward pass makes four passes: the three logit maps come from one matmul over the *input* (the
+per-group convs are linear, so ``conv_g(x * u) = u * conv_g(x)``, and the per-map conv bias is removed exactly by
+``normalize``), the pooled vectors come from one batched matmul, and ``x * u`` plus the rank-1 pairwise term is one
+multiply and one in-place ``addcmul``. Everything else runs on the G small maps, in place during inference.
+``tests/test_group_attention.py`` checks it against the direct transcription of the equations in
+``group_attention_reference.py``.
 """
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ class GroupAttention(nn.Module):
         use_u4p: keep the unary attention for pairwise relation (Table 2 "-U4P" sets it False).
         normalize: keep ``normalize()`` before every mask (Table 2 "-Normalize" sets it False).
         eps: the epsilon of eq. (8).
+        inplace: in inference (autograd off), write the output into the input's memory, as ``nn.ReLU(inplace=True)``
+            does. The models set it: on a CPU a fresh feature-map-sized buffer costs more than the arithmetic.
 
     Shape: (B, C, H, W) -> (B, C, H, W).
     """
@@ -60,6 +63,7 @@ class GroupAttention(nn.Module):
         use_u4p: bool = True,
         normalize: bool = True,
         eps: float = 1e-5,
+        inplace: bool = False,
     ) -> None:
         super().__init__()
         if groups < 1 or channels % groups != 0:
@@ -72,6 +76,7 @@ class GroupAttention(nn.Module):
         self.use_u4p = use_u4p
         self.normalize = normalize
         self.eps = eps
+        self.inplace = inplace
 
         # Parameter layout follows the paper's modules; the per-map affine of normalize() is (gamma, beta) per group.
         if use_u4u:
@@ -92,7 +97,7 @@ class GroupAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.channels}, groups={self.groups}, use_u4u={self.use_u4u}, use_u4p={self.use_u4p}, "
-            f"normalize={self.normalize}"
+            f"normalize={self.normalize}, inplace={self.inplace}"
         )
 
     def extra_macs(self, input_shape: tuple[int, ...]) -> int:
@@ -132,17 +137,19 @@ class GroupAttention(nn.Module):
         # (B, G, C/G, N) views of x; for NCHW and channels_last inputs alike (no copy), and the output keeps x's layout.
         xg = x.reshape(b, g, c, n)
         inplace = not torch.is_grad_enabled()  # free to overwrite our own intermediates
+        reuse_input = inplace and self.inplace  # ... and the input
 
         if not self.use_u4p:  # Table 2 "-U4P": unary relation only
             logits = torch.matmul(self.u4u_conv.weight.view(g, ch), x.reshape(b, ch, n))
-            return (xg * self._unary_mask(logits, inplace).unsqueeze(2)).view(b, ch, h, w)
+            u = self._unary_mask(logits, inplace).unsqueeze(2)
+            return (xg.mul_(u) if reuse_input else xg * u).view(b, ch, h, w)
 
         # One pass over x for every logit map: (3G, C) @ (B, C, N) -> (B, 3G, N).
         logits = torch.matmul(self._group_weights(), x.reshape(b, ch, n))
         if self.use_u4u:
             u = self._unary_mask(logits[:, :g], inplace)  # (B, G, N), eq. (1)
             pair_logits = logits[:, g:].view(b, 2, g, n) * u.unsqueeze(1)  # conv_g(x * u) = u * conv_g(x)
-            x_unary = xg * u.unsqueeze(2)  # (B, G, C/G, N), eq. (2)
+            x_unary = xg.mul_(u.unsqueeze(2)) if reuse_input else xg * u.unsqueeze(2)  # (B, G, C/G, N), eq. (2)
         else:
             pair_logits = logits.view(b, 2, g, n)
             x_unary = xg
@@ -161,8 +168,8 @@ class GroupAttention(nn.Module):
         entity = torch.matmul(pool_mask.unsqueeze(2), x_unary.transpose(2, 3))
         entity = entity.transpose(2, 3) * self.alpha.view(1, g, 1, 1)  # (B, G, C/G, 1); alpha_i scales group i
         # eqs. (6)-(7): x_u + alpha * y * assign, a rank-1 update per group, in one pass.
-        if self.use_u4u and inplace:
-            out = x_unary.addcmul_(entity, assign_mask.unsqueeze(2))  # x_unary is our own buffer: reuse it
+        if inplace and (self.use_u4u or reuse_input):  # x_unary is our own buffer (or the input we may reuse)
+            out = x_unary.addcmul_(entity, assign_mask.unsqueeze(2))
         else:
             out = torch.addcmul(x_unary, entity, assign_mask.unsqueeze(2))
         return out.view(b, ch, h, w)

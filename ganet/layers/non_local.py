@@ -24,7 +24,7 @@ class NonLocal(nn.Module):
     paper). ``groups > 1`` splits the inner channels into that many groups with an affinity each (group NL).
     """
 
-    def __init__(self, channels: int, groups: int = 1, reduction: int = 2) -> None:
+    def __init__(self, channels: int, groups: int = 1, reduction: int = 2, inplace: bool = False) -> None:
         super().__init__()
         inner = channels // reduction
         if inner < 1 or inner % groups != 0:
@@ -32,6 +32,7 @@ class NonLocal(nn.Module):
                              f"by groups ({groups})")
         self.groups = groups
         self.inner = inner
+        self.inplace = inplace  # add the residual into the input in inference (autograd off)
         self.theta = nn.Conv2d(channels, inner, 1)
         self.phi = nn.Conv2d(channels, inner, 1)
         self.g = nn.Conv2d(channels, inner, 1)
@@ -54,11 +55,12 @@ class NonLocal(nn.Module):
         # softmax(theta^T phi) without the 1/sqrt(d) of dot-product attention: the embedded-Gaussian form.
         y = F.scaled_dot_product_attention(split(self.theta(x)), split(self.phi(x)), split(self.g(x)), scale=1.0)
         y = y.transpose(2, 3).reshape(b, self.inner, h, w)  # (B, inner, H, W)
-        return x + self.bn(self.out(y))
+        z = self.bn(self.out(y))
+        return x.add_(z) if self.inplace and not torch.is_grad_enabled() else x + z
 
 
 class GroupNonLocal(NonLocal):
     """Group non-local (GNL): the non-local affinity computed in each of ``groups`` channel groups."""
 
-    def __init__(self, channels: int, groups: int = 15, reduction: int = 2) -> None:
-        super().__init__(channels, groups=groups, reduction=reduction)
+    def __init__(self, channels: int, groups: int = 15, reduction: int = 2, inplace: bool = False) -> None:
+        super().__init__(channels, groups=groups, reduction=reduction, inplace=inplace)

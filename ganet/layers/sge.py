@@ -13,12 +13,13 @@ class SpatialGroupEnhance(nn.Module):
     """SGE: in each of G groups, the similarity of every pixel to the group's mean vector is normalised over space,
     scaled and shifted per group (weight 0, bias 1 at init, as in the paper) and used as a sigmoid gate."""
 
-    def __init__(self, channels: int, groups: int = 15, eps: float = 1e-5) -> None:
+    def __init__(self, channels: int, groups: int = 15, eps: float = 1e-5, inplace: bool = False) -> None:
         super().__init__()
         if groups < 1 or channels % groups != 0:
             raise ValueError(f"SpatialGroupEnhance: channels ({channels}) must be divisible by groups ({groups})")
         self.groups = groups
         self.eps = eps
+        self.inplace = inplace  # gate the input in place in inference (autograd off), like nn.ReLU(inplace=True)
         self.weight = nn.Parameter(torch.zeros(groups))
         self.bias = nn.Parameter(torch.ones(groups))
 
@@ -30,4 +31,5 @@ class SpatialGroupEnhance(nn.Module):
         sim = sim - sim.mean(dim=-1, keepdim=True)
         sim = sim / (sim.std(dim=-1, keepdim=True) + self.eps)
         gate = torch.sigmoid(sim * self.weight.view(1, g, 1) + self.bias.view(1, g, 1))
-        return (xg * gate.unsqueeze(2)).view_as(x)
+        gate = gate.unsqueeze(2)
+        return (xg.mul_(gate) if self.inplace and not torch.is_grad_enabled() else xg * gate).view_as(x)

@@ -15,11 +15,13 @@ class SqueezeExcite(nn.Module):
     SE-ShuffleNetV2 on CIFAR-100 (see docs/models.md).
     """
 
-    def __init__(self, channels: int, reduction: int = 4, act_layer: type[nn.Module] = nn.ReLU) -> None:
+    def __init__(self, channels: int, reduction: int = 4, act_layer: type[nn.Module] = nn.ReLU,
+                 inplace: bool = False) -> None:
         super().__init__()
         if reduction < 1 or channels < reduction:
             raise ValueError(f"SqueezeExcite: need 1 <= reduction <= channels, got {reduction} for {channels}")
         hidden = channels // reduction
+        self.inplace = inplace  # scale the input in place in inference (autograd off), like nn.ReLU(inplace=True)
         self.fc1 = nn.Conv2d(channels, hidden, 1)
         self.act = act_layer(inplace=True)
         self.fc2 = nn.Conv2d(hidden, channels, 1)
@@ -27,4 +29,5 @@ class SqueezeExcite(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = x.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
         s = self.fc2(self.act(self.fc1(s)))
-        return x * torch.sigmoid(s)
+        gate = torch.sigmoid(s)
+        return x.mul_(gate) if self.inplace and not torch.is_grad_enabled() else x * gate

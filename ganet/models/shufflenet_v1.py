@@ -193,7 +193,7 @@ def _shufflenet_v1(attn_name: str | None, cifar: bool, num_classes: int, attn_kw
                    **kwargs) -> ShuffleNetV1:
     kwargs.setdefault("stages_out_channels", WIDTHS_G3)
     kwargs.setdefault("groups", 3)
-    attn = partial(get_attn(attn_name), **(attn_kwargs or {})) if attn_name else None
+    attn = partial(get_attn(attn_name), **({"inplace": True} | (attn_kwargs or {}))) if attn_name else None
     return ShuffleNetV1(REPEATS, num_classes=num_classes, attn=attn, cifar=cifar, **kwargs)
 
 

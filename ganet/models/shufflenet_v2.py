@@ -161,7 +161,7 @@ def _shufflenet_v2(attn_name: str | None, cifar: bool, num_classes: int, attn_kw
     # The non-local rows put one block in the last unit of stage 2 (see ganet/layers/non_local.py for why).
     attn_units = "stage2_last" if attn_name in ("nl", "gnl") else "all"
     kwargs.setdefault("stages_out_channels", GROUP15_WIDTHS if (attn_name or cifar) else IMAGENET_WIDTHS)
-    attn = partial(get_attn(attn_name), **(attn_kwargs or {})) if attn_name else None
+    attn = partial(get_attn(attn_name), **({"inplace": True} | (attn_kwargs or {}))) if attn_name else None
     return ShuffleNetV2(REPEATS, num_classes=num_classes, attn=attn, attn_units=attn_units, cifar=cifar, **kwargs)
 
 
