@@ -24,8 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        parser.add_argument(flag, type=type(getattr(defaults, f.name)), default=getattr(defaults, f.name),
-                            help=f"(default: {getattr(defaults, f.name)})")
+        default = getattr(defaults, f.name)
+        parser.add_argument(flag, type=type(default), default=default,
+                            help=f"{f.metadata['help']} (default: %(default)s)")
     parser.add_argument("--resume", metavar="DIR", help="continue the run in DIR where it stopped")
     return parser
 
