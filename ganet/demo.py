@@ -12,16 +12,13 @@ from pathlib import Path
 
 from ganet.train.config import TrainConfig
 
-DEFAULT_MODEL = "ga_shufflenet_v2_cifar"
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="ganet-demo",
         description="Build a GA-ShuffleNet, save and reload its checkpoint, check the reload is exact, and print "
                     "parameters and MACs beside the paper's Table 1.",
     )
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"registered model name (default: {DEFAULT_MODEL})")
+    parser.add_argument("--model", default=TrainConfig.model, help="registered model name (default: %(default)s)")
     parser.add_argument("--output", type=Path, default=Path("runs/demo"),
                         help="folder for the training run (default: runs/demo)")
     parser.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="training epochs (default: %(default)s)")
@@ -45,9 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     model, meta = ganet.load_checkpoint(best)
     held_out = load_digits(meta.preprocessing.input_size).val
-    _, top1, _ = evaluate(model, held_out, meta.preprocessing)
+    inputs = preprocess_batch(held_out.images, meta.preprocessing)
+    _, top1, _ = evaluate(model, inputs, held_out.targets)
     with torch.no_grad():
-        predicted = model(preprocess_batch(held_out.images[:8], meta.preprocessing)).argmax(1).tolist()
+        predicted = model(inputs[:8]).argmax(1).tolist()
     print(f"\nreloaded {best}: held-out top-1 {top1:.4f} (recorded at save: {meta.extra['top1']:.4f})")
     print(f"first held-out digits: true {held_out.targets[:8].tolist()}, predicted "
           f"{[meta.labels[i] for i in predicted]}")

@@ -77,7 +77,8 @@ def test_attention_placement():
 
 def test_attn_kwargs_reach_the_blocks():
     model = ganet.create_model("ga_shufflenet_v2_cifar", attn_kwargs={"use_u4p": False})
-    assert all(not m.use_u4p for m in model.modules() if isinstance(m, GroupAttention))
+    blocks = [m for m in model.modules() if isinstance(m, GroupAttention)]
+    assert len(blocks) == 16 and all(not b.use_u4p and b.inplace for b in blocks)  # inplace: the backbone default
 
 
 def test_unknown_model_lists_valid_names():
@@ -123,3 +124,11 @@ def test_profile_cli(capsys):
     assert "ga_shufflenet_v2_cifar" in out and "2,387,128" in out and "194.14" in out
     assert main(["--models", "nope*"]) == 2
     assert "no registered model matches" in capsys.readouterr().err
+
+
+def test_builder_without_num_classes_is_refused():
+    with pytest.raises(ValueError, match="must take num_classes"):
+        @register_model(input_size=32, paper_row="x")
+        def no_classes_model(width: int = 3):
+            raise AssertionError
+    assert "no_classes_model" not in ganet.list_models()

@@ -30,7 +30,7 @@ from ganet._io import atomic_write_bytes
 from ganet.checkpoint import save_checkpoint
 from ganet.models import create_model
 from ganet.train.config import TrainConfig
-from ganet.train.data import DataSplit, ImageTensors, load_digits, preprocess_batch, random_shift
+from ganet.train.data import DataSplit, load_digits, preprocess_batch, random_shift
 
 STATE_FILE = "last.state.safetensors"
 
@@ -61,19 +61,19 @@ def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageTensors, prep, batch_size: int = 256) -> tuple[float, float, float]:
-    """(loss, top-1, top-5) on ``data``, preprocessed by the checkpoint's own definition."""
+def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+             batch_size: int = 256) -> tuple[float, float, float]:
+    """(loss, top-1, top-5) on preprocessed ``inputs`` (N, 3, S, S) with ``targets`` (N,)."""
     model.eval()
     loss = correct1 = correct5 = 0.0
-    for i in range(0, len(data), batch_size):
-        x = preprocess_batch(data.images[i:i + batch_size], prep)
-        y = data.targets[i:i + batch_size]
+    for i in range(0, len(targets), batch_size):
+        x, y = inputs[i:i + batch_size], targets[i:i + batch_size]
         logits = model(x)
         loss += F.cross_entropy(logits, y, reduction="sum").item()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         correct1 += (top[:, 0] == y).sum().item()
         correct5 += (top == y[:, None]).any(dim=1).sum().item()
-    n = len(data)
+    n = len(targets)
     return loss / n, correct1 / n, correct5 / n
 
 
@@ -119,6 +119,9 @@ def fit(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, nesterov=True)
     steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+    # The data sets fit in memory: apply the deterministic preprocessing once, not every epoch.
+    train_inputs = preprocess_batch(data.train.images, prep)  # (N, 3, S, S) float32
+    val_inputs = preprocess_batch(data.val.images, prep)
 
     start_epoch, best_top1 = 0, -1.0
     metrics_path = out / "metrics.jsonl"
@@ -143,7 +146,7 @@ def fit(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            x = random_shift(preprocess_batch(data.train.images[idx], prep), cfg.max_shift, generator)
+            x = random_shift(train_inputs[idx], cfg.max_shift, generator)
             loss = F.cross_entropy(model(x), data.train.targets[idx], label_smoothing=cfg.label_smoothing)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch + 1}, step {i + 1}; the last good "
@@ -154,7 +157,7 @@ def fit(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
             seen += len(idx)
             loss_sum += loss.item() * len(idx)
         images_per_s = seen / (time.perf_counter() - t0)
-        val_loss, top1, top5 = evaluate(model, data.val, prep)
+        val_loss, top1, top5 = evaluate(model, val_inputs, data.val.targets)
         m = EpochMetrics(epoch, loss_sum / seen, val_loss, top1, top5, lr, images_per_s)
         save_checkpoint(out / "last.safetensors", model, extra={"epoch": epoch + 1, "top1": top1}, **checkpoint_args)
         if top1 > best_top1:

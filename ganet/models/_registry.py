@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,7 +39,10 @@ def register_model(*, input_size: int, paper_row: str) -> Callable[[Callable[...
         name = fn.__name__
         if name in _MODELS:
             raise ValueError(f"register_model: a model named {name!r} is already registered")
-        default_classes = fn.__defaults__[0] if fn.__defaults__ else 1000
+        param = inspect.signature(fn).parameters.get("num_classes")
+        if param is None or not isinstance(param.default, int):
+            raise ValueError(f"register_model: {name} must take num_classes with an integer default")
+        default_classes = param.default
         _MODELS[name] = ModelInfo(name, fn, input_size, paper_row, default_classes)
         return fn
 

@@ -31,13 +31,12 @@ model (widths 360 / 720 / 1440; 3.44M here). ``tests/test_shufflenet_v1.py`` che
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ganet.layers import get_attn
+from ganet.layers import attn_factory
 from ganet.models._registry import register_model
 from ganet.models.shufflenet_v2 import channel_shuffle
 
@@ -193,7 +192,7 @@ def _shufflenet_v1(attn_name: str | None, cifar: bool, num_classes: int, attn_kw
                    **kwargs) -> ShuffleNetV1:
     kwargs.setdefault("stages_out_channels", WIDTHS_G3)
     kwargs.setdefault("groups", 3)
-    attn = partial(get_attn(attn_name), **({"inplace": True} | (attn_kwargs or {}))) if attn_name else None
+    attn = attn_factory(attn_name, **(attn_kwargs or {}))
     return ShuffleNetV1(REPEATS, num_classes=num_classes, attn=attn, cifar=cifar, **kwargs)
 
 

@@ -13,12 +13,11 @@ the GANet paper says, so the stages run at 32x32, 16x16 and 8x8.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import partial
 
 import torch
 from torch import nn
 
-from ganet.layers import get_attn
+from ganet.layers import attn_factory
 from ganet.models._registry import register_model
 
 __all__ = ["ShuffleNetV2", "InvertedResidual", "channel_shuffle"]
@@ -161,7 +160,7 @@ def _shufflenet_v2(attn_name: str | None, cifar: bool, num_classes: int, attn_kw
     # The non-local rows put one block in the last unit of stage 2 (see ganet/layers/non_local.py for why).
     attn_units = "stage2_last" if attn_name in ("nl", "gnl") else "all"
     kwargs.setdefault("stages_out_channels", GROUP15_WIDTHS if (attn_name or cifar) else IMAGENET_WIDTHS)
-    attn = partial(get_attn(attn_name), **({"inplace": True} | (attn_kwargs or {}))) if attn_name else None
+    attn = attn_factory(attn_name, **(attn_kwargs or {}))
     return ShuffleNetV2(REPEATS, num_classes=num_classes, attn=attn, attn_units=attn_units, cifar=cifar, **kwargs)
 
 
