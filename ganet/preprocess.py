@@ -6,9 +6,14 @@ their pipelines from this one object, read from the checkpoint's metadata.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["Preprocessing", "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR_MEAN", "CIFAR_STD"]
+if TYPE_CHECKING:  # Pillow and NumPy are imported where they are used, so the core stays light.
+    import numpy as np
+    from PIL import Image
+
+__all__ = ["Preprocessing", "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR_MEAN", "CIFAR_STD", "to_rgb", "resize_and_crop",
+           "image_to_uint8"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -75,3 +80,54 @@ class Preprocessing:
         if missing:
             raise ValueError(f"invalid preprocessing: missing fields {sorted(missing)}")
         return cls(**d)
+
+
+_PIL_FILTERS = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling values
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any decoded PIL image as 8-bit RGB: EXIF orientation applied, alpha composited on white, palette, grey,
+    16-bit grey and CMYK converted."""
+    from PIL import ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # Pillow's convert("L") clips 16-bit values at 255; scale the full range down instead.
+        import numpy as np
+        from PIL import Image
+
+        a = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(a * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        from PIL import Image
+
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def resize_and_crop(img: Image.Image, prep: Preprocessing) -> Image.Image:
+    """Resize the shorter side to ``prep.resize_size``, then center-crop ``prep.input_size`` square (PIL, RGB)."""
+    w, h = img.size
+    scale = prep.resize_size / min(w, h)
+    size = (max(prep.resize_size, round(w * scale)), max(prep.resize_size, round(h * scale)))
+    if size != (w, h):
+        img = img.resize(size, resample=_PIL_FILTERS[prep.interpolation])
+    left, top = (size[0] - prep.input_size) // 2, (size[1] - prep.input_size) // 2
+    return img.crop((left, top, left + prep.input_size, top + prep.input_size))
+
+
+def image_to_uint8(img: Image.Image, prep: Preprocessing) -> np.ndarray:
+    """A decoded image as the network's uint8 input: (3, S, S) RGB, before the mean/std normalisation.
+
+    This is the one geometric pipeline shared by image-folder evaluation, export parity and serving; the
+    normalisation ``(x / 255 - mean) / std`` follows, in the exported graph or in PyTorch.
+    """
+    import numpy as np
+
+    rgb = resize_and_crop(to_rgb(img), prep)
+    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))  # (H, W, 3) -> (3, H, W)
