@@ -30,6 +30,7 @@ from ganet._io import atomic_write_bytes
 from ganet.preprocess import Preprocessing
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
 __all__ = ["CheckpointError", "CheckpointInfo", "FORMAT", "FORMAT_VERSION", "load_checkpoint",
@@ -181,8 +182,9 @@ def save_checkpoint(
     return atomic_write_bytes(path, save(tensors, metadata=info.to_metadata()))
 
 
-def load_checkpoint(path: str | os.PathLike, device: str = "cpu") -> tuple[nn.Module, CheckpointInfo]:
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointInfo]:
     """Rebuild the model a checkpoint describes, load its weights (strictly) and return ``(model.eval(), info)``."""
+    device = str(device)
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     import ganet
     from ganet.profile import format_table, profile_model
     from ganet.train.data import load_digits, preprocess_batch
-    from ganet.train.engine import evaluate, fit
+    from ganet.train.engine import evaluate_checkpoint, fit
 
     cfg = TrainConfig(model=args.model, output=str(args.output), epochs=args.epochs, input_size=args.input_size,
                       warmup_epochs=min(TrainConfig.warmup_epochs, args.epochs / 2))
@@ -41,11 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ganet-demo: {e}", file=sys.stderr)
         return 2
     model, meta = ganet.load_checkpoint(best)
+    top1 = evaluate_checkpoint(best, cfg)["top1"]
     held_out = load_digits(meta.preprocessing.input_size).val
-    inputs = preprocess_batch(held_out.images, meta.preprocessing)
-    _, top1, _ = evaluate(model, inputs, held_out.targets)
     with torch.no_grad():
-        predicted = model(inputs[:8]).argmax(1).tolist()
+        predicted = model(preprocess_batch(held_out.images[:8], meta.preprocessing)).argmax(1).tolist()
     print(f"\nreloaded {best}: held-out top-1 {top1:.4f} (recorded at save: {meta.extra['top1']:.4f})")
     print(f"first held-out digits: true {held_out.targets[:8].tolist()}, predicted "
           f"{[meta.labels[i] for i in predicted]}")

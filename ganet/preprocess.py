@@ -12,13 +12,15 @@ if TYPE_CHECKING:  # Pillow and NumPy are imported where they are used, so the c
     import numpy as np
     from PIL import Image
 
-__all__ = ["Preprocessing", "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR_MEAN", "CIFAR_STD", "to_rgb", "resize_and_crop",
-           "image_to_uint8"]
+__all__ = ["Preprocessing", "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR_MEAN", "CIFAR_STD", "CIFAR10_MEAN",
+           "CIFAR10_STD", "to_rgb", "resize_and_crop", "image_to_uint8"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CIFAR_MEAN = (0.5071, 0.4865, 0.4409)  # CIFAR-100 training set
 CIFAR_STD = (0.2673, 0.2564, 0.2762)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # CIFAR-10 training set
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 

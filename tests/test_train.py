@@ -47,7 +47,8 @@ def test_learning_rate_schedule():
 
 def test_short_run_writes_every_output(tmp_path, capsys):
     assert main(FAST + ["--output", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert err == ""  # no TTY, no progress bar
     assert f"ganet-export {tmp_path}/best.safetensors" in out
     for name in ("best.safetensors", "last.safetensors", "last.state.safetensors", "metrics.jsonl", "config.json"):
         assert (tmp_path / name).is_file(), name
@@ -89,8 +90,10 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path, capsys):
 
 
 def test_bad_config_is_a_clear_error(tmp_path, capsys):
-    assert main(["--data", "cifar100", "--output", str(tmp_path)]) == 2
-    assert "not available yet" in capsys.readouterr().err
+    assert main(["--data", "imagenet", "--output", str(tmp_path)]) == 2
+    assert "data must be one of digits, cifar10, cifar100, imagefolder" in capsys.readouterr().err
+    assert main(["--amp", "fp8", "--output", str(tmp_path)]) == 2
+    assert "amp must be one of" in capsys.readouterr().err
     assert main(["--resume", str(tmp_path / "nothing")]) == 2
     assert "no config.json" in capsys.readouterr().err
 

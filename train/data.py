@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from ganet.preprocess import Preprocessing
 
-__all__ = ["ImageTensors", "DataSplit", "load_digits", "DIGITS_HOLDOUT", "preprocess_batch", "random_shift"]
+__all__ = ["ImageTensors", "DataSplit", "load_digits", "DIGITS_HOLDOUT", "preprocess_batch", "draw_augmentation",
+           "augment"]
 
 DIGITS_HOLDOUT = 360
 DIGITS_MEAN = (0.3053,) * 3  # digits scaled to [0, 1]
@@ -72,19 +73,38 @@ def preprocess_batch(images: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
                           **({} if mode == "nearest" else {"align_corners": False}))
     top, left = (size[0] - prep.input_size) // 2, (size[1] - prep.input_size) // 2
     x = x[..., top:top + prep.input_size, left:left + prep.input_size]
-    mean = torch.tensor(prep.mean).view(1, 3, 1, 1)
-    std = torch.tensor(prep.std).view(1, 3, 1, 1)
+    mean = torch.tensor(prep.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(prep.std, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
-def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Translate every image by its own random offset in [-max_shift, max_shift] px, filling with zeros.
+def draw_augmentation(n: int, max_shift: int, hflip: bool,
+                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (dy, dx) offsets in [0, 2 * max_shift] (n, 2) and flip flags (n,), drawn on the CPU ``generator``.
 
-    Operates on the normalised batch (B, C, S, S); zeros there are the data set's mean, a neutral fill.
+    Drawn for a whole global batch, so that every torchrun process slices the same numbers and a resumed run replays
+    them exactly, whatever the device.
     """
-    if max_shift == 0:
+    offsets = torch.randint(0, 2 * max_shift + 1, (n, 2), generator=generator)
+    flips = torch.rand(n, generator=generator) < 0.5 if hflip else torch.zeros(n, dtype=torch.bool)
+    return offsets, flips
+
+
+def augment(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Mirror the flagged images, then translate each by its offset minus ``max_shift`` (zero fill):
+    (B, C, S, S) -> (B, C, S, S) on ``x``'s device, one gather for the whole batch.
+
+    Works on the normalised batch, where zero is the data set's mean, a neutral fill.
+    """
+    if max_shift == 0 and not flips.any():
         return x
     b, _, h, w = x.shape
-    padded = F.pad(x, (max_shift,) * 4)
-    offsets = torch.randint(0, 2 * max_shift + 1, (b, 2), generator=generator)
-    return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets.tolist())])
+    padded = F.pad(x, (max_shift,) * 4)  # (B, C, S + 2m, S + 2m)
+    offsets, flips = offsets.to(x.device), flips.to(x.device)
+    rows = offsets[:, :1] + torch.arange(h, device=x.device)  # (B, S)
+    base, dx = torch.arange(w, device=x.device), offsets[:, 1:]
+    # A mirrored image's column c sits at padded column (w - 1 + 2m) - c; its window starts dx further in.
+    cols = torch.where(flips[:, None], (w - 1 + 2 * max_shift) - dx - base, base + dx)  # (B, S)
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    # Advanced indexing on dims 0, 2, 3 puts the indexed dims first: (B, S, S, C) -> (B, C, S, S).
+    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)

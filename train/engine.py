@@ -1,38 +1,45 @@
-"""The training loop: SGD with warm-up + cosine, held-out evaluation, atomic best/last checkpoints, exact resume.
+"""The training loop: SGD with warm-up + cosine, held-out evaluation, atomic best/last checkpoints, exact resume,
+mixed precision, channels_last, torch.compile and DistributedDataParallel under ``torchrun``.
 
-Outputs in ``cfg.output``:
+Outputs in ``cfg.output`` (written by rank 0 only):
 
 * ``best.safetensors``: the deployable checkpoint with the best held-out top-1 (what ``ganet-export`` reads);
 * ``last.safetensors``: the latest epoch's weights, same format;
-* ``last.state.safetensors``: weights and optimizer momentum plus the loop's position, written in one atomic file so
-  a kill at any moment leaves a consistent pair to resume from (``--resume DIR``);
-* ``metrics.jsonl``: one JSON line per epoch (loss, top-1, top-5, learning rate, images/s);
-* ``config.json``: the resolved configuration.
+* ``last.state.safetensors``: weights, optimizer momentum, gradient-scaler state and the loop's position, in one
+  atomic file, so a kill at any moment leaves a consistent state to resume from (``--resume DIR``);
+* ``metrics.jsonl``: one JSON line per epoch (loss, top-1, top-5, learning rate, images/s, skipped images);
+* ``config.json``: the resolved configuration; ``tensorboard/``: the same metrics as TensorBoard events.
 
-Every epoch's order and augmentation come from a generator seeded with ``(seed, epoch)``, and the learning rate is a
-pure function of the step, so a resumed run replays exactly what an uninterrupted one does.
+Every epoch's order and augmentation come from a CPU generator seeded with ``(seed, epoch)``, and the learning rate
+is a pure function of the step, so a resumed run replays exactly what an uninterrupted one does.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
 from ganet._io import atomic_write_bytes
-from ganet.checkpoint import save_checkpoint
+from ganet.checkpoint import load_checkpoint, save_checkpoint
 from ganet.models import create_model
+from ganet.preprocess import Preprocessing
 from ganet.train.config import TrainConfig
-from ganet.train.data import DataSplit, load_digits, preprocess_batch, random_shift
+from ganet.train.data import DataSplit, ImageTensors, augment, draw_augmentation, preprocess_batch
 
 STATE_FILE = "last.state.safetensors"
+Batch = tuple[torch.Tensor, torch.Tensor, list]  # images (B, 3, S, S) float, targets (B,), skipped [(path, why)]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,6 +55,56 @@ class EpochMetrics:
     top5: float
     lr: float
     images_per_s: float
+    epoch_s: float
+    skipped_images: int
+
+
+# ---------------------------------------------------------------------------------------------------------- runtime
+@dataclass
+class Runtime:
+    """Where this process runs: its device, and its rank among ``world`` torchrun processes."""
+
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Sum ``values`` over all processes (identity in a single process)."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def setup_runtime(cfg: TrainConfig) -> Runtime:
+    """Pick the device; under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for, but torch sees no CUDA GPU (use --device cpu)")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world == 1:
+        return Runtime(device)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the {world} torchrun processes")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Runtime(device, dist.get_rank(), world)
+
+
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    mode = cfg.amp
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 
 def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -60,113 +117,325 @@ def learning_rate(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * progress))
 
 
+# -------------------------------------------------------------------------------------------------------- batches
+class MemoryBatches:
+    """An in-memory uint8 data set (digits, CIFAR) kept on the training device.
+
+    Each step gathers its images there, normalises and augments them there: no loader process feeds the GPU, and
+    50,000 CIFAR images take 150 MB. Training batches are global batches sliced by rank, so N processes see exactly
+    the images and augmentation one process would; held-out batches are each rank's interleaved shard.
+    """
+
+    def __init__(self, data: ImageTensors, prep: Preprocessing, rt: Runtime, batch_size: int, *, train: bool,
+                 cfg: TrainConfig) -> None:
+        images, targets = (data.images, data.targets) if train else \
+            (data.images[rt.rank::rt.world], data.targets[rt.rank::rt.world])
+        self.images, self.targets = images.to(rt.device), targets.to(rt.device)
+        self.prep, self.rt, self.batch_size, self.train, self.cfg = prep, rt, batch_size, train, cfg
+        self.steps = math.ceil(len(data) / batch_size) if train else math.ceil(len(self.targets) / batch_size)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def batches(self, epoch: int) -> Iterator[Batch]:
+        if not self.train:
+            for i in range(0, len(self.targets), self.batch_size):
+                yield preprocess_batch(self.images[i:i + self.batch_size], self.prep), \
+                    self.targets[i:i + self.batch_size], []
+            return
+        cfg, rt = self.cfg, self.rt
+        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.targets), generator=generator)
+        for i in range(self.steps):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            offsets, flips = draw_augmentation(len(idx), cfg.max_shift, cfg.hflip, generator)
+            mine = slice(rt.rank, None, rt.world)
+            idx = idx[mine].to(rt.device)
+            x = preprocess_batch(self.images[idx], self.prep)
+            yield augment(x, offsets[mine], flips[mine], cfg.max_shift), self.targets[idx], []
+
+
+class FolderBatches:
+    """An image folder streamed by DataLoader workers; corrupt images arrive as (path, reason) beside each batch."""
+
+    def __init__(self, dataset, rt: Runtime, batch_size: int, *, train: bool, cfg: TrainConfig) -> None:
+        from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+        from ganet.train.datasets import collate_skip_bad
+
+        self.rt, self.train = rt, train
+        self.sampler = None
+        if train:
+            self.sampler = DistributedSampler(dataset, num_replicas=rt.world, rank=rt.rank, shuffle=True,
+                                              seed=cfg.seed, drop_last=True)
+        else:  # interleaved shards: every held-out image counted exactly once
+            dataset = Subset(dataset, range(rt.rank, len(dataset), rt.world))
+        self.seed = cfg.seed
+        # Workers are started afresh every epoch from a generator seeded with (seed, epoch), so the augmentation
+        # of a resumed run replays an uninterrupted one's.
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=cfg.workers,
+                                 collate_fn=collate_skip_bad, pin_memory=rt.device.type == "cuda",
+                                 drop_last=train, generator=torch.Generator())
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def batches(self, epoch: int) -> Iterator[Batch]:
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+        self.loader.generator.manual_seed(self.seed * 100_003 + epoch)
+        if self.loader.num_workers == 0:  # transforms then draw from this process's global generator
+            torch.manual_seed(self.seed * 100_003 + epoch)
+        for x, y, bad in self.loader:
+            yield x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True), bad
+
+
+def make_batches(data, prep: Preprocessing, rt: Runtime, cfg: TrainConfig, *, train: bool,
+                 eval_batch_size: int = 256) -> MemoryBatches | FolderBatches:
+    split = data.train if train else data.val
+    if isinstance(split, ImageTensors):
+        return MemoryBatches(split, prep, rt, cfg.batch_size if train else eval_batch_size, train=train, cfg=cfg)
+    return FolderBatches(split, rt, cfg.batch_size // rt.world if train else eval_batch_size, train=train, cfg=cfg)
+
+
+# ------------------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-             batch_size: int = 256) -> tuple[float, float, float]:
-    """(loss, top-1, top-5) on preprocessed ``inputs`` (N, 3, S, S) with ``targets`` (N,)."""
+def evaluate(model: nn.Module, batches, rt: Runtime, amp: torch.dtype | None = None,
+             channels_last: bool = False, strict: bool = False) -> tuple[float, float, float, int]:
+    """(loss, top-1, top-5, images) over the held-out ``batches``, summed across all processes; corrupt held-out
+    images are reported and left out (or stop the run when ``strict``)."""
     model.eval()
-    loss = correct1 = correct5 = 0.0
-    for i in range(0, len(targets), batch_size):
-        x, y = inputs[i:i + batch_size], targets[i:i + batch_size]
-        logits = model(x)
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    sums = torch.zeros(3, dtype=torch.float64, device=rt.device)  # loss, top-1 hits, top-5 hits
+    n = 0
+    for x, y, bad in batches.batches(0):
+        if bad:
+            _handle_bad_images(bad, strict)
+        if len(y) == 0:
+            continue
+        with torch.autocast(rt.device.type, dtype=amp, enabled=amp is not None):
+            logits = model(x.contiguous(memory_format=fmt)).float()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        correct1 += (top[:, 0] == y).sum().item()
-        correct5 += (top == y[:, None]).any(dim=1).sum().item()
-    n = len(targets)
-    return loss / n, correct1 / n, correct5 / n
+        sums += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(),
+                             (top[:, 0] == y).sum().double(), (top == y[:, None]).any(dim=1).sum().double()])
+        n += len(y)
+    loss, c1, c5, n = rt.all_sum(sums.tolist() + [n])
+    return loss / n, c1 / n, c5 / n, int(n)
 
 
-def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, best_top1: float) -> None:
-    tensors = {f"model.{k}": v.detach().contiguous() for k, v in model.state_dict().items()}
+def evaluate_checkpoint(path: str | Path, cfg: TrainConfig) -> dict:
+    """Top-1/top-5 of a checkpoint on ``cfg.data``'s held-out split, preprocessed by the checkpoint's own definition."""
+    from ganet.train.datasets import build_dataset, load_imagefolder
+
+    rt = setup_runtime(cfg)
+    model, info = load_checkpoint(path, rt.device)
+    prep = info.preprocessing
+    if cfg.data == "imagefolder":
+        data = load_imagefolder(cfg.data_dir, prep, strict=cfg.strict)
+    else:
+        data = build_dataset(cfg.data, data_dir=cfg.data_dir, input_size=prep.input_size, download=cfg.download)
+    if len(data.labels) != info.num_classes:
+        raise ValueError(f"{path} has {info.num_classes} classes but {cfg.data} has {len(data.labels)}")
+    batches = make_batches(data, prep, rt, cfg, train=False)
+    loss, top1, top5, n = evaluate(model, batches, rt, autocast_dtype(cfg, rt.device), strict=cfg.strict)
+    return {"checkpoint": str(path), "data": cfg.data, "images": n, "loss": loss, "top1": top1, "top5": top5}
+
+
+# ------------------------------------------------------------------------------------------------ model and state
+def load_matching_weights(model: nn.Module, path: str | Path, log: Callable[[str], None]) -> None:
+    """Copy every tensor of checkpoint ``path`` whose name and shape match ``model``'s; the rest stay fresh."""
+    source, _ = load_checkpoint(path)
+    theirs, mine = source.state_dict(), model.state_dict()
+    matched = {k: v for k, v in theirs.items() if k in mine and mine[k].shape == v.shape}
+    if not matched:
+        raise ValueError(f"init checkpoint {path}: no tensor matches {type(model).__name__}'s names and shapes")
+    model.load_state_dict(matched, strict=False)
+    fresh = sorted(set(mine) - set(matched))
+    log(f"initialised {len(matched)}/{len(mine)} tensors from {path}"
+        + (f"; fresh: {', '.join(fresh[:6])}{' ...' if len(fresh) > 6 else ''}" if fresh else ""))
+
+
+def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                epoch: int, best_top1: float) -> None:
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     names = {id(p): n for n, p in model.named_parameters()}
     for group in optimizer.param_groups:
         for p in group["params"]:
             buf = optimizer.state.get(p, {}).get("momentum_buffer")
             if buf is not None:
-                tensors[f"momentum.{names[id(p)]}"] = buf.contiguous()
-    meta = {"epochs_done": str(epoch + 1), "best_top1": repr(best_top1)}
+                tensors[f"momentum.{names[id(p)]}"] = buf.detach().cpu().contiguous()
+    meta = {"epochs_done": str(epoch + 1), "best_top1": repr(best_top1), "scaler": json.dumps(scaler.state_dict())}
     atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
-def _load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, float]:
-    from safetensors import safe_open
-
+def _load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                scaler: torch.amp.GradScaler) -> tuple[int, float]:
+    if not path.is_file():
+        raise ValueError(f"cannot resume: {path} does not exist (the run stopped before its first epoch ended)")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    tensors = load_file(str(path))
+    device = next(model.parameters()).device
+    tensors = load_file(str(path), device=str(device))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
     params = dict(model.named_parameters())
     for k, v in tensors.items():
         if k.startswith("momentum."):
             optimizer.state[params[k[9:]]]["momentum_buffer"] = v
+    if meta.get("scaler"):
+        scaler.load_state_dict(json.loads(meta["scaler"]))
     return int(meta["epochs_done"]), float(meta["best_top1"])
 
 
-def build_data(cfg: TrainConfig) -> DataSplit:
-    return load_digits(cfg.input_size)
+class _Progress:
+    """A tqdm bar (loss, images/s, ETA) on a terminal; nothing in logs or on other ranks."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True)
+
+    def update(self, loss: float | None, images_per_s: float) -> None:
+        if self.bar is not None:
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.0f}", refresh=False)
+            self.bar.update()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
-def fit(cfg: TrainConfig, resume: bool = False, log=print) -> Path:
-    """Train ``cfg.model`` on ``cfg.data``; returns the path of ``best.safetensors``."""
+# ------------------------------------------------------------------------------------------------------------ fit
+def fit(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = print,
+        data: DataSplit | None = None) -> Path:
+    """Train ``cfg.model`` on ``cfg.data`` (or on ``data`` given in memory); returns the path of best.safetensors."""
     cfg.validate()
+    rt = setup_runtime(cfg)
+    log = log if rt.is_main else (lambda *_: None)
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
+    if rt.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    data = build_data(cfg)
+    if data is None:
+        from ganet.train.datasets import build_dataset
+
+        data = build_dataset(cfg.data, data_dir=cfg.data_dir, input_size=cfg.input_size, download=cfg.download,
+                             strict=cfg.strict)
     prep = data.preprocessing
+    train_batches = make_batches(data, prep, rt, cfg, train=True)
+    val_batches = make_batches(data, prep, rt, cfg, train=False)
+    steps_per_epoch = len(train_batches)
+
     model = create_model(cfg.model, num_classes=len(data.labels))
+    if cfg.init and not resume:
+        load_matching_weights(model, cfg.init, log)
+    if cfg.sync_bn and rt.world > 1:
+        if rt.device.type != "cuda":
+            raise ValueError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm has no CPU implementation")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model.to(rt.device, memory_format=fmt)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, nesterov=True)
-    steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
-    # The data sets fit in memory: apply the deterministic preprocessing once, not every epoch.
-    train_inputs = preprocess_batch(data.train.images, prep)  # (N, 3, S, S) float32
-    val_inputs = preprocess_batch(data.val.images, prep)
+                                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    amp = autocast_dtype(cfg, rt.device)
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=amp is torch.float16)
 
     start_epoch, best_top1 = 0, -1.0
     metrics_path = out / "metrics.jsonl"
     if resume:
-        start_epoch, best_top1 = _load_state(out / STATE_FILE, model, optimizer)
-        kept = [line for line in metrics_path.read_text().splitlines()
-                if json.loads(line)["epoch"] < start_epoch] if metrics_path.exists() else []
-        atomic_write_bytes(metrics_path, "".join(line + "\n" for line in kept).encode())
+        start_epoch, best_top1 = _load_state(out / STATE_FILE, model, optimizer, scaler)
         log(f"resuming {out} after epoch {start_epoch} (best top-1 so far {best_top1:.4f})")
-    else:
-        metrics_path.unlink(missing_ok=True)
-    atomic_write_bytes(out / "config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+    step_model: nn.Module = model
+    if rt.world > 1:
+        # static_graph: the graph never changes, and the GA blocks' conv biases, which their normalisation removes
+        # exactly, never get a gradient; DDP then learns that once instead of failing or searching every step.
+        step_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device] if rt.device.type == "cuda" else None, static_graph=True)
+    if cfg.compile:
+        step_model = torch.compile(step_model)
+
+    writer = None
+    if rt.is_main:
+        if resume:  # drop what the killed run logged after its last saved epoch
+            kept = [line for line in metrics_path.read_text().splitlines()
+                    if json.loads(line)["epoch"] < start_epoch] if metrics_path.exists() else []
+            atomic_write_bytes(metrics_path, "".join(line + "\n" for line in kept).encode())
+        else:
+            metrics_path.unlink(missing_ok=True)
+        atomic_write_bytes(out / "config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_epoch + 1 if resume else None)
     checkpoint_args = dict(model_name=cfg.model, labels=data.labels, preprocessing=prep)
+    check_every = 1 if rt.device.type == "cpu" else 50  # a finiteness check syncs the GPU: do it now and then
 
     for epoch in range(start_epoch, cfg.epochs):
-        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        order = torch.randperm(len(data.train), generator=generator)
-        model.train()
-        t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-        for i in range(steps_per_epoch):
+        step_model.train()
+        t0, seen, skipped = time.perf_counter(), 0, []
+        loss_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+        bar = _Progress(steps_per_epoch, f"epoch {epoch + 1}/{cfg.epochs}", rt.is_main)
+        for i, (x, y, bad) in enumerate(train_batches.batches(epoch)):
+            if bad:
+                _handle_bad_images(bad, cfg.strict)
+                skipped += bad
+                if len(y) == 0:  # every image of this batch was corrupt
+                    continue
             lr = learning_rate(cfg, epoch * steps_per_epoch + i, steps_per_epoch)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            x = random_shift(train_inputs[idx], cfg.max_shift, generator)
-            loss = F.cross_entropy(model(x), data.train.targets[idx], label_smoothing=cfg.label_smoothing)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch + 1}, step {i + 1}; the last good "
-                                         f"checkpoint is {out / 'last.safetensors'} (try a lower --lr)")
+            with torch.autocast(rt.device.type, dtype=amp, enabled=amp is not None):
+                loss = F.cross_entropy(step_model(x.contiguous(memory_format=fmt)), y,
+                                       label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            seen += len(idx)
-            loss_sum += loss.item() * len(idx)
-        images_per_s = seen / (time.perf_counter() - t0)
-        val_loss, top1, top5 = evaluate(model, val_inputs, data.val.targets)
-        m = EpochMetrics(epoch, loss_sum / seen, val_loss, top1, top5, lr, images_per_s)
-        save_checkpoint(out / "last.safetensors", model, extra={"epoch": epoch + 1, "top1": top1}, **checkpoint_args)
-        if top1 > best_top1:
-            best_top1 = top1
-            save_checkpoint(out / "best.safetensors", model, extra={"epoch": epoch + 1, "top1": top1},
-                            **checkpoint_args)
-        _save_state(out / STATE_FILE, model, optimizer, epoch, best_top1)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(m.__dict__) + "\n")
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach() * len(y)
+            seen += len(y)
+            if (i + 1) % check_every == 0 or i + 1 == steps_per_epoch:
+                finite = rt.all_sum([float(not torch.isfinite(loss_sum))])[0] == 0
+                if not finite:
+                    bar.close()
+                    raise NonFiniteLossError(
+                        f"loss is not finite at epoch {epoch + 1}, step {i + 1}; the last good checkpoint is "
+                        f"{out / 'last.safetensors'} (try a lower --lr{', or --amp bf16' if amp else ''})")
+            bar.update(loss.item() if i % 10 == 0 else None, seen * rt.world / (time.perf_counter() - t0))
+        bar.close()
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize(rt.device)
+        epoch_s = time.perf_counter() - t0
+        train_loss, total_seen, n_skipped = rt.all_sum([loss_sum.item(), seen, len(skipped)])
+        val_loss, top1, top5, _ = evaluate(model, val_batches, rt, amp, cfg.channels_last, cfg.strict)
+        m = EpochMetrics(epoch, train_loss / total_seen, val_loss, top1, top5, lr, total_seen / epoch_s, epoch_s,
+                         int(n_skipped))
+        if rt.is_main:
+            extra = {"epoch": epoch + 1, "top1": top1, "top5": top5, "data": cfg.data}
+            save_checkpoint(out / "last.safetensors", model, extra=extra, **checkpoint_args)
+            if top1 > best_top1:
+                save_checkpoint(out / "best.safetensors", model, extra=extra, **checkpoint_args)
+            _save_state(out / STATE_FILE, model, optimizer, scaler, epoch, max(best_top1, top1))
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(m.__dict__) + "\n")
+            for key in ("train_loss", "val_loss", "top1", "top5", "lr", "images_per_s"):
+                writer.add_scalar(key, getattr(m, key), epoch + 1)
+            writer.flush()
+        best_top1 = max(best_top1, top1)
         log(f"epoch {epoch + 1}/{cfg.epochs}  loss {m.train_loss:.4f}  held-out top-1 {top1:.4f}  top-5 {top5:.4f}  "
-            f"lr {lr:.4f}  {images_per_s:.0f} img/s")
+            f"lr {lr:.4f}  {m.images_per_s:.0f} img/s" + (f"  skipped {m.skipped_images} corrupt images"
+                                                          if m.skipped_images else ""))
+    if writer is not None:
+        writer.close()
+    if rt.world > 1:
+        dist.barrier()
     return out / "best.safetensors"
+
+
+def _handle_bad_images(bad: list, strict: bool) -> None:
+    from ganet.train.datasets import CorruptImageError
+
+    if strict:
+        raise CorruptImageError(*bad[0])
+    for path, reason in bad:
+        print(f"ganet-train: skipping corrupt image {path}: {reason}", file=sys.stderr)
