@@ -14,7 +14,7 @@ import ganet
 from ganet.train.cli import main
 from ganet.train.config import TrainConfig
 from ganet.train.data import DIGITS_HOLDOUT, load_digits, preprocess_batch
-from ganet.train.engine import fit, learning_rate
+from ganet.train.engine import learning_rate
 
 FAST = ["--input-size", "8", "--batch-size", "128", "--epochs", "3", "--warmup-epochs", "0.5"]
 
@@ -64,7 +64,10 @@ def test_short_run_writes_every_output(tmp_path, capsys):
 def test_resume_after_kill_is_bitwise_exact(tmp_path):
     """Kill -9 a run after its first epoch, resume it, and compare with an uninterrupted run: identical weights."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert main(FAST + ["--output", str(whole)]) == 0
+    # Every run in a fresh process with the same environment: bitwise equality needs the same thread count, and
+    # other tests in this process may have changed torch's (a serving backend sets it).
+    cli = [sys.executable, "-m", "ganet.train.cli"]
+    subprocess.run(cli + FAST + ["--output", str(whole)], check=True, capture_output=True, timeout=300)
 
     proc = subprocess.Popen([sys.executable, "-m", "ganet.train.cli", *FAST, "--output", str(killed)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -76,7 +79,7 @@ def test_resume_after_kill_is_bitwise_exact(tmp_path):
     proc.wait()
     assert metrics.read_text().count("\n") < 3, "the run finished before it could be killed"
 
-    assert main(["--resume", str(killed)]) == 0
+    subprocess.run(cli + ["--resume", str(killed)], check=True, capture_output=True, timeout=300)
     a, b = load_file(whole / "last.safetensors"), load_file(killed / "last.safetensors")
     assert a.keys() == b.keys()
     for k in a:
@@ -97,13 +100,4 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys):
     assert main(["--resume", str(tmp_path / "nothing")]) == 2
     assert "no config.json" in capsys.readouterr().err
 
-
-@pytest.mark.slow
-def test_embedded_default_reaches_95_percent(tmp_path):
-    """The README's default: ganet-train with no arguments (here only --output) reaches >= 95% held-out top-1."""
-    t0 = time.monotonic()
-    fit(TrainConfig(output=str(tmp_path)), log=lambda *_: None)
-    elapsed = time.monotonic() - t0
-    _, info = ganet.load_checkpoint(tmp_path / "best.safetensors")
-    print(f"default run: held-out top-1 {info.extra['top1']:.4f} in {elapsed:.0f} s")
-    assert info.extra["top1"] >= 0.95
+# The default run's >= 95% held-out top-1 is checked by tests/test_preprocess_and_cli.py's ganet-demo test.

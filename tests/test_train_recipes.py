@@ -3,7 +3,6 @@ TensorBoard, mixed precision, channels_last, and two gloo processes under torchr
 import json
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -1,0 +1,160 @@
+"""ONNX Runtime (CPU, fp32 and INT8) against PyTorch eager for the exported GA-ShuffleNetV2, and the GA variant's cost
+against its same-width baseline inside ONNX Runtime.
+
+Targets (issue 4), on the development machine: ORT fp32 at batch 1 and 32 is >= 2x faster than PyTorch eager for
+ga_shufflenet_v2 (224x224) and ga_shufflenet_v2_cifar (32x32); at batch 32 in ORT, GA costs <= 1.15x its
+same-width baseline (shufflenet_v2_g15 at 224, shufflenet_v2_cifar at 32). Every model is exported exactly as
+``ganet-export`` does it (uint8 input, normalisation in the graph). Runs are interleaved (torch GA, ORT GA,
+ORT baseline, ORT GA INT8, then again) so that noise from other processes hits all alike; we report each runner's
+median and the median and spread of the per-round ratios. intra_op threads = torch threads = the core count.
+
+    python benchmarks/bench_export_ort.py                 # both sizes, batch 1 and 32, 7 rounds
+    python benchmarks/bench_export_ort.py --sizes 32 --rounds 15 --profile   # + time per ONNX op type
+
+Writes benchmarks/results/export_ort_<threads>t.json.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ganet.export.onnx_export import export_onnx
+from ganet.export.parity import ort_runner, photographs
+from ganet.export.quantize import quantize_int8
+from ganet.models import create_model
+from ganet.preprocess import Preprocessing
+
+MODELS = {32: ("ga_shufflenet_v2_cifar", "shufflenet_v2_cifar"), 224: ("ga_shufflenet_v2", "shufflenet_v2_g15")}
+
+
+def build(name: str) -> torch.nn.Module:
+    """A registered model, or shufflenet_v2_g15: ImageNet ShuffleNetV2 at the GA widths (120/240/480), no attention."""
+    if name == "shufflenet_v2_g15":
+        from ganet.models.shufflenet_v2 import GROUP15_WIDTHS, ShuffleNetV2
+
+        return ShuffleNetV2(stages_out_channels=GROUP15_WIDTHS).eval()
+    return create_model(name).eval()
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return {"median": statistics.median(values), "min": min(values), "q1": q[0], "q3": q[2], "max": max(values)}
+
+
+def op_profile(path: Path, images: np.ndarray, threads: int, runs: int = 5) -> dict[str, float]:
+    """Milliseconds per run spent in each ONNX Runtime node type (ORT's profiler; it adds its own overhead)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path.with_suffix(""))
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        session.run(None, {"image": images})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    per_op: dict[str, float] = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            per_op[e["args"]["op_name"]] += e["dur"] / 1000 / runs
+    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
+
+
+def bench_size(size: int, batches: list[int], rounds: int, profile: bool, tmp: Path, threads: int) -> dict:
+    prep = Preprocessing.for_input_size(size)
+    ga_name, base_name = MODELS[size]
+    torch.manual_seed(0)
+    ga, base = build(ga_name), build(base_name)
+    paths = {name: tmp / f"{name}.onnx" for name in (ga_name, base_name)}
+    for model, name in ((ga, ga_name), (base, base_name)):
+        export_onnx(model, prep, paths[name], max_batch=max(batches))
+    photos = photographs(prep).images
+    int8_path = tmp / f"{ga_name}.int8.onnx"
+    quantize_int8(paths[ga_name], int8_path, photos)  # speed only: any calibration set gives the same kernels
+    mean, std = torch.tensor(prep.mean).view(1, 3, 1, 1), torch.tensor(prep.std).view(1, 3, 1, 1)
+
+    def torch_runner(model):
+        def run(images: np.ndarray):
+            with torch.inference_mode():
+                return model((torch.from_numpy(images).float().div(255) - mean) / std)
+        return run
+
+    # Spinning off: idle ORT threads would otherwise busy-wait through the next runner's turn.
+    runners = {"torch_ga": torch_runner(ga), "ort_ga": ort_runner(paths[ga_name], threads, spinning=False),
+               "ort_base": ort_runner(paths[base_name], threads, spinning=False),
+               "ort_ga_int8": ort_runner(int8_path, threads, spinning=False)}
+    result = {"models": {"ga": ga_name, "baseline": base_name}, "by_batch": {}}
+    for b in batches:
+        images = np.resize(photos, (b, 3, size, size))
+        for run in runners.values():
+            run(images), run(images)  # warm-up
+        times = {k: [] for k in runners}
+        for _ in range(rounds):
+            for name, run in runners.items():
+                t0 = time.perf_counter()
+                run(images)
+                times[name].append(time.perf_counter() - t0)
+        ratios = {
+            "ort_speedup_vs_torch": [t / o for t, o in zip(times["torch_ga"], times["ort_ga"])],
+            "ga_over_baseline_ort": [g / p for g, p in zip(times["ort_ga"], times["ort_base"])],
+            "int8_speedup_vs_fp32": [f / q for f, q in zip(times["ort_ga"], times["ort_ga_int8"])],
+        }
+        entry = {"median_ms": {k: 1000 * statistics.median(v) for k, v in times.items()},
+                 "ratios": {k: spread(v) for k, v in ratios.items()}}
+        if profile:
+            entry["ort_ms_per_op_type"] = {name: op_profile(paths[m], images, threads) for name, m in
+                                           (("ga", ga_name), ("baseline", base_name))}
+        result["by_batch"][str(b)] = entry
+        r = entry["ratios"]
+        print(f"{size}x{size} batch {b:3d}: torch GA {entry['median_ms']['torch_ga']:8.2f} ms | ORT GA "
+              f"{entry['median_ms']['ort_ga']:8.2f} | ORT base {entry['median_ms']['ort_base']:8.2f} | ORT GA int8 "
+              f"{entry['median_ms']['ort_ga_int8']:8.2f} || ORT/torch speed-up {r['ort_speedup_vs_torch']['median']:.2f}x"
+              f" ({r['ort_speedup_vs_torch']['min']:.2f}..{r['ort_speedup_vs_torch']['max']:.2f}) | GA/base "
+              f"{r['ga_over_baseline_ort']['median']:.3f} ({r['ga_over_baseline_ort']['min']:.3f}.."
+              f"{r['ga_over_baseline_ort']['max']:.3f}) | int8 speed-up {r['int8_speedup_vs_fp32']['median']:.2f}x",
+              flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 224], choices=sorted(MODELS))
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--profile", action="store_true", help="add ORT's time per node type for GA and baseline")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch and ORT intra-op threads (default: the core count). On a shared machine, 1 is "
+                             "the robust choice: a multi-threaded torch stalls at every barrier when another "
+                             "process holds a core")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="default: benchmarks/results/export_ort_<threads>t.json")
+    args = parser.parse_args()
+    args.output = args.output or Path(__file__).parent / "results" / f"export_ort_{args.threads}t.json"
+    torch.set_num_threads(args.threads)
+    import onnxruntime
+
+    results = {"host": {"cpu_count": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
+                        "onnxruntime": onnxruntime.__version__, "threads": args.threads},
+               "rounds": args.rounds, "note": "the host may be shared: compare the per-round ratios, not ms",
+               "sizes": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            results["sizes"][str(size)] = bench_size(size, args.batches, args.rounds, args.profile, Path(tmp),
+                                                      args.threads)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

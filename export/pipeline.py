@@ -1,0 +1,378 @@
+"""``export_checkpoint``: checkpoint -> export directory (ONNX, optional INT8 / TensorRT / Triton, manifest, report).
+
+Everything is built in a temporary directory beside ``output`` and renamed into place at the end, so an export
+that fails at any step leaves no ``output`` behind (and, with ``force``, the previous one untouched).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from ganet._io import atomic_write_bytes
+from ganet.export.manifest import FORMAT, FORMAT_VERSION, MANIFEST_FILE, hash_directory, sha256_file
+from ganet.export.trt_ops import check_tensorrt_compatibility
+from ganet.export.onnx_export import BATCH_AXIS, DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
+
+__all__ = ["ExportOptions", "ExportError", "ExportUsageError", "export_checkpoint", "parity_batch_sizes",
+           "int8_evaluation_data", "heldout_top1"]
+
+Log = Callable[[str], None]
+
+
+class ExportError(RuntimeError):
+    """The export ran and failed (parity, checker, op compatibility): exit code 1, no output directory."""
+
+
+class ExportUsageError(ExportError):
+    """The request cannot be carried out (bad checkpoint, existing output, TensorRT missing): exit code 2."""
+
+
+@dataclass
+class ExportOptions:
+    output: Path
+    trt: bool = False
+    fp16: bool = False
+    int8: bool = False
+    triton: bool = False
+    max_batch: int = 32
+    opset: int = DEFAULT_OPSET
+    force: bool = False
+    simplify: bool = False
+    calibration_images: int = 512
+    benchmark_rounds: int = 5  # 0: skip the latency table
+    timing_cache: Path | None = None
+
+
+def parity_batch_sizes(max_batch: int) -> list[int]:
+    return sorted({1, min(3, max_batch), max_batch})
+
+
+def _require_tensorrt() -> None:
+    from ganet.export.tensorrt import tensorrt_available
+
+    if not tensorrt_available():
+        raise ExportUsageError("--trt needs TensorRT and an NVIDIA GPU, and `import tensorrt` fails here: install it on "
+                               "a GPU host (pip install tensorrt-cu12) and run ganet-export there; nothing was "
+                               "written")
+
+
+def _check_request(opts: ExportOptions) -> None:
+    problems = []
+    if opts.max_batch < 1:
+        problems.append(f"--max-batch must be >= 1, got {opts.max_batch}")
+    if opts.fp16 and not opts.trt:
+        problems.append("--fp16 builds a TensorRT engine: add --trt")
+    if opts.calibration_images < 1:
+        problems.append(f"--calibration-images must be >= 1, got {opts.calibration_images}")
+    if problems:
+        raise ExportUsageError("; ".join(problems))
+    out = Path(opts.output)
+    if out.exists() and not out.is_dir():
+        raise ExportUsageError(f"{out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not opts.force:
+        raise ExportUsageError(f"{out}: exists and is not empty; pass --force to replace it")
+    if opts.trt:
+        _require_tensorrt()
+
+
+def int8_evaluation_data(prep: Any, dataset: str | None, calibration_images: int) -> tuple[np.ndarray, Any, str]:
+    """(calibration uint8 images, held-out ParityInputs with targets or None, description of the calibration set)."""
+    from ganet.export.parity import digits_images, photographs
+
+    if dataset == "digits":
+        calib = digits_images(prep, "train", limit=calibration_images)
+        return calib.images, digits_images(prep, "val"), f"digits training split, first {len(calib)} images"
+    photos = photographs(prep)  # documented fallback: no training images this machine can load
+    return photos.images, None, f"{len(photos)} bundled photographs (the checkpoint's data set is not available here)"
+
+
+def heldout_top1(onnx_path: Path, held_out: Any, batch_size: int = 64) -> float:
+    """Top-1 of an ONNX model on labelled images, in fixed chunks so that --verify reproduces it exactly."""
+    from ganet.export.parity import ort_runner
+    from ganet.export.quantize import top1_accuracy
+
+    run = ort_runner(onnx_path)
+    logits = np.concatenate([run(held_out.images[i:i + batch_size]) for i in range(0, len(held_out), batch_size)])
+    return top1_accuracy(logits, held_out.targets)
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, opts: ExportOptions, log: Log = print) -> Path:
+    """Export ``checkpoint`` into ``opts.output``; returns the directory. Raises :class:`ExportError`."""
+    checkpoint, output = Path(checkpoint), Path(opts.output)
+    _check_request(opts)
+    from ganet.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        model, info = load_checkpoint(checkpoint)
+    except CheckpointError as e:
+        raise ExportUsageError(f"cannot export: {e}") from None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
+    try:
+        try:
+            manifest = _build(checkpoint, model, info, opts, tmp, log)
+        except ExportError:
+            raise
+        except (RuntimeError, ValueError, OSError, ImportError) as e:  # exporter, checker, quantizer, TensorRT, disk
+            raise ExportError(f"{type(e).__name__}: {e}") from e
+        atomic_write_bytes(tmp / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
+        _publish_permissions(tmp)
+        _move_into_place(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def _publish_permissions(directory: Path) -> None:
+    """mkdtemp/mkstemp create owner-only entries; give the result the permissions the umask allows."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [directory, *directory.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _move_into_place(tmp: Path, output: Path) -> None:
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}")
+        os.replace(output, old)
+    try:
+        os.replace(tmp, output)
+    except BaseException:
+        if old is not None:
+            os.replace(old, output)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _step(log: Log, text: str) -> float:
+    log(f"[ganet-export] {text} ...")
+    return time.perf_counter()
+
+
+def _build(checkpoint: Path, model: Any, info: Any, opts: ExportOptions, tmp: Path, log: Log) -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+    import torch
+
+    import ganet
+    from ganet.export import parity as P
+    from ganet.export.onnx_export import check_onnx, export_onnx, simplify_onnx
+    from ganet.export.report import render_report
+
+    prep, batches = info.preprocessing, parity_batch_sizes(opts.max_batch)
+    t = _step(log, f"exporting {info.model} to ONNX (opset {opts.opset}, dynamo exporter)")
+    onnx_path = tmp / "model.onnx"
+    export = export_onnx(model, prep, onnx_path, opset=opts.opset, max_batch=opts.max_batch)
+    check_onnx(onnx_path, info.num_classes, prep.input_size)
+    log(f"  done in {time.perf_counter() - t:.1f}s; onnx.checker(full_check) passed, no batch size in any Reshape")
+
+    t = _step(log, "computing PyTorch fp32 reference logits on real images")
+    dataset = P.dataset_of(info.extra, prep)
+    inputs = P.parity_inputs(prep, dataset)
+    reference = P.torch_reference(model, prep, inputs.images)
+    log(f"  {len(inputs)} images ({'photographs + ' + dataset + ' held-out split' if dataset else 'photographs'})")
+
+    def onnx_parity(path: Path, label: str) -> P.ParityResult:
+        result = P.run_parity(P.ort_runner(path), inputs, reference, batches, P.TOLERANCES["onnx"])
+        log(f"  {label}: {result.summary()} at batch sizes {batches}")
+        if not result.passed:
+            raise ExportError(P.failure_message(label, result))
+        return result
+
+    _step(log, f"checking ONNX Runtime fp32 against PyTorch (max |dlogit| <= {P.TOLERANCES['onnx']['max_abs']}, "
+               "100% top-1)")
+    parity: dict[str, Any] = {"reference": "PyTorch fp32 CPU, same uint8 images normalised in torch",
+                              "inputs": {"count": len(inputs), "dataset_heldout": dataset,
+                                         "names": inputs.names[:12] + (["..."] if len(inputs) > 12 else [])}}
+    parity["onnx"] = onnx_parity(onnx_path, "ONNX Runtime fp32").to_dict()
+    onnx_meta = export.to_dict() | {"simplified": None}
+    if opts.simplify:
+        t = _step(log, "simplifying the graph")
+        slim_path = tmp / "model.simplified.onnx"
+        tool = simplify_onnx(onnx_path, slim_path)
+        os.replace(slim_path, onnx_path)
+        check_onnx(onnx_path, info.num_classes, prep.input_size)
+        parity["onnx_before_simplify"] = parity["onnx"]
+        parity["onnx"] = onnx_parity(onnx_path, f"ONNX Runtime fp32 after {tool}").to_dict()
+        onnx_meta["simplified"] = tool
+
+    proto = onnx.load(str(onnx_path))
+    problems = check_tensorrt_compatibility(proto)
+    if problems:
+        raise ExportError(f"{len(problems)} node(s) TensorRT's ONNX parser would reject: "
+                          + "; ".join(str(p) for p in problems))
+    else:
+        log(f"  TensorRT op-compatibility: all {len(proto.graph.node)} nodes supported")
+    onnx_meta["tensorrt_op_check"] = "passed"
+
+    artifacts: list[dict[str, Any]] = [{"kind": "onnx", "file": "model.onnx", "precision": "fp32"}]
+    if opts.int8:
+        artifacts.append(_int8(onnx_path, tmp / "model.int8.onnx", prep, dataset, opts, inputs, reference, parity,
+                               log))
+
+    engine_info = None
+    if opts.trt:
+        engine_info = _tensorrt(onnx_path, tmp / "model.plan", opts, inputs, reference, batches, parity, log)
+        # The engine's compatibility info sits in the entry itself: Artifact.info is what TensorRTRunner takes.
+        artifacts.append({"kind": "tensorrt", "file": "model.plan",
+                          "precision": engine_info.get("precision", "fp16" if opts.fp16 else "fp32")} | {
+                             k: v for k, v in engine_info.items() if k not in ("kind", "file")})
+
+    speed = None
+    if opts.benchmark_rounds > 0:
+        _step(log, f"measuring CPU latency ({opts.benchmark_rounds} interleaved rounds)")
+        speed = _measure_speed(model, prep, onnx_path, tmp / "model.int8.onnx" if opts.int8 else None, inputs,
+                               opts, log)
+
+    (tmp / "labels.txt").write_text("".join(f"{label}\n" for label in info.labels), encoding="utf-8")
+    triton = None
+    if opts.triton:
+        triton = _triton(tmp, info, prep, opts, engine_info is not None, log)
+
+    try:
+        import tensorrt
+        trt_version = tensorrt.__version__
+    except ImportError:
+        trt_version = None
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": info.model, "num_classes": info.num_classes, "model_kwargs": info.model_kwargs,
+        "labels": list(info.labels), "max_batch": opts.max_batch,
+        "checkpoint": {"path": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint),
+                       "bytes": checkpoint.stat().st_size, "extra": info.extra},
+        "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": [BATCH_AXIS, 3, prep.input_size, prep.input_size],
+                  "dynamic_axes": {"0": BATCH_AXIS}, "layout": "NCHW", "color": "RGB", "value_range": [0, 255],
+                  "produced_by": "ganet.preprocess.image_to_uint8 (resize shorter side, center crop); the graph "
+                                 "computes (x / 255 - mean) / std itself"},
+        "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": [BATCH_AXIS, info.num_classes],
+                   "dynamic_axes": {"0": BATCH_AXIS}, "meaning": "unnormalised class scores (apply softmax)"},
+        "preprocessing": prep.to_dict(),
+        "onnx": onnx_meta,
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                     "tensorrt": trt_version, "ganet": ganet.__version__, "python": platform.python_version()},
+        "artifacts": artifacts,
+        "parity": parity,
+        "speed": speed,
+        "triton": triton,
+        "host": {"machine": platform.machine(), "processor": _cpu_name(), "cpu_count": os.cpu_count()},
+    }
+    (tmp / "report.md").write_text(render_report(manifest), encoding="utf-8")
+    manifest["files"] = hash_directory(tmp)
+    return manifest
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _int8(fp32_path: Path, int8_path: Path, prep: Any, dataset: str | None, opts: ExportOptions, inputs: Any,
+          reference: np.ndarray, parity: dict[str, Any], log: Log) -> dict[str, Any]:
+    from ganet.export import parity as P
+    from ganet.export.quantize import quantize_int8
+
+    calibration, held_out, calib_desc = int8_evaluation_data(prep, dataset, opts.calibration_images)
+    _step(log, f"quantising to INT8 (QDQ, calibrated on {calib_desc})")
+    settings = quantize_int8(fp32_path, int8_path, calibration) | {"calibration_set": calib_desc}
+    int8_run = P.ort_runner(int8_path)
+    result = P.run_parity(int8_run, inputs, reference, [opts.max_batch], {"max_abs": None, "top1_agreement": 0.0})
+    entry: dict[str, Any] = {"vs_torch": result.to_dict()}
+    if held_out is not None:
+        acc32, acc8 = heldout_top1(fp32_path, held_out), heldout_top1(int8_path, held_out)
+        drop = 100 * (acc32 - acc8)
+        entry["heldout"] = {"dataset": dataset, "images": len(held_out), "top1_fp32": acc32, "top1_int8": acc8,
+                            "drop_points": drop, "max_drop_points": 1.0}
+        log(f"  held-out top-1: fp32 {100 * acc32:.2f}%, int8 {100 * acc8:.2f}% (drop {drop:.2f} points; limit 1)")
+        entry["passed"] = drop <= 1.0
+        if not entry["passed"]:
+            raise ExportError(f"INT8 held-out accuracy drop {drop:.2f} points > 1 point (fp32 {100 * acc32:.2f}%, "
+                              f"int8 {100 * acc8:.2f}% on {len(held_out)} {dataset} images)")
+    else:
+        entry["heldout"] = None
+        entry["passed"] = True
+        log(f"  int8 vs PyTorch on photographs: {result.summary()} (no held-out labels here: reported, not gated)")
+    parity["onnx_int8"] = entry
+    return {"kind": "onnx_int8", "file": "model.int8.onnx", "precision": "int8", "quantization": settings}
+
+
+def _tensorrt(onnx_path: Path, plan_path: Path, opts: ExportOptions, inputs: Any, reference: np.ndarray,
+              batches: list[int], parity: dict[str, Any], log: Log) -> dict[str, Any]:
+    from ganet.export import parity as P
+    from ganet.export.tensorrt import TensorRTRunner, build_engine
+
+    precision = "fp16" if opts.fp16 else "fp32"
+    t = _step(log, f"building the TensorRT {precision} engine (batch 1..{opts.max_batch})")
+    cache = opts.timing_cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ganet" / \
+        "tensorrt_timing.cache"
+    engine_info = build_engine(onnx_path, plan_path, max_batch=opts.max_batch,
+                               opt_batch=min(opts.max_batch, max(1, opts.max_batch // 2)), fp16=opts.fp16,
+                               timing_cache=cache)
+    log(f"  built in {time.perf_counter() - t:.1f}s")
+    runner = TensorRTRunner(plan_path, engine_info)
+    tolerance = P.TOLERANCES[f"tensorrt_{precision}"]
+    result = P.run_parity(runner, inputs, reference, batches, tolerance)
+    log(f"  TensorRT {precision}: {result.summary()}")
+    if not result.passed:
+        raise ExportError(P.failure_message(f"TensorRT {precision}", result))
+    parity["tensorrt"] = result.to_dict()
+    return dict(engine_info)
+
+
+def _measure_speed(model: Any, prep: Any, onnx_path: Path, int8_path: Path | None, inputs: Any, opts: ExportOptions,
+                   log: Log) -> dict[str, Any]:
+    import torch
+
+    from ganet.export import parity as P
+    from ganet.export.speed import interleaved_latency
+
+    mean, std = torch.tensor(prep.mean).view(1, 3, 1, 1), torch.tensor(prep.std).view(1, 3, 1, 1)
+
+    def torch_eager(images: np.ndarray) -> Any:
+        with torch.inference_mode():
+            return model((torch.from_numpy(images).float().div(255) - mean) / std)
+
+    runners = {"pytorch_eager_fp32": torch_eager, "onnxruntime_fp32": P.ort_runner(onnx_path, spinning=False)}
+    if int8_path is not None:
+        runners["onnxruntime_int8"] = P.ort_runner(int8_path, spinning=False)
+    torch.set_num_threads(os.cpu_count() or 1)
+    results = {}
+    for b in sorted({1, opts.max_batch}):
+        batch = np.resize(inputs.images, (b,) + inputs.images.shape[1:])  # real images, repeated to fill the batch
+        results[str(b)] = interleaved_latency(runners, batch, opts.benchmark_rounds, baseline="pytorch_eager_fp32")
+        log(f"  batch {b}: " + ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in results[str(b)].items()))
+    return {"device": f"CPU ({_cpu_name()}, {os.cpu_count()} threads)", "rounds": opts.benchmark_rounds,
+            "by_batch": results,
+            "note": "medians of interleaved rounds on the exporting host; speedup = PyTorch eager / runner"}
+
+
+def _triton(tmp: Path, info: Any, prep: Any, opts: ExportOptions, with_plan: bool, log: Log) -> dict[str, Any]:
+    from ganet.export.triton import write_triton_repository
+
+    platform_name = "tensorrt_plan" if with_plan else "onnxruntime_onnx"
+    model_file = tmp / ("model.plan" if with_plan else "model.onnx")
+    _step(log, f"writing the Triton model repository ({platform_name})")
+    model_dir = write_triton_repository(
+        tmp / "triton", model_name=info.model, model_file=model_file, platform=platform_name,
+        input_name=INPUT_NAME, input_dtype="uint8", input_dims=[3, prep.input_size, prep.input_size],
+        output_name=OUTPUT_NAME, num_classes=info.num_classes, labels=list(info.labels), max_batch=opts.max_batch)
+    return {"repository": "triton", "model_name": info.model, "platform": platform_name,
+            "model_dir": Path(model_dir).relative_to(tmp).as_posix() if Path(model_dir).is_relative_to(tmp) else None}

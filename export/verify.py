@@ -1,0 +1,148 @@
+"""``ganet-export --verify DIR``: re-hash every file, re-check the graph contract, re-run parity, name differences."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ganet.export.manifest import MANIFEST_FILE, Manifest, load_manifest, sha256_file
+
+__all__ = ["VerifyResult", "verify_export"]
+
+# Re-run numbers may move by float noise (thread scheduling, another CPU); a recorded number that was edited or a
+# model that changed moves far more.
+_RTOL, _ATOL = 0.5, 1e-6
+
+
+@dataclass
+class VerifyResult:
+    differences: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    parity_rerun: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.differences
+
+
+def _close(recorded: float, now: float) -> bool:
+    return math.isclose(recorded, now, rel_tol=_RTOL, abs_tol=_ATOL)
+
+
+def _check_files(m: Manifest, result: VerifyResult) -> None:
+    for rel, entry in m.files.items():
+        path = m.directory / rel
+        if not path.is_file():
+            result.differences.append(f"{rel}: missing (manifest lists {entry.bytes} bytes)")
+        elif path.stat().st_size != entry.bytes:
+            result.differences.append(f"{rel}: size {path.stat().st_size} bytes, manifest says {entry.bytes}")
+        elif (digest := sha256_file(path)) != entry.sha256:
+            result.differences.append(f"{rel}: sha256 {digest}, manifest says {entry.sha256}")
+    for path in sorted(p for p in m.directory.rglob("*") if p.is_file()):
+        rel = path.relative_to(m.directory).as_posix()
+        if rel != MANIFEST_FILE and rel not in m.files:
+            result.differences.append(f"{rel}: not listed in the manifest")
+
+
+def _check_contract(m: Manifest, result: VerifyResult, changed: set[str]) -> None:
+    """The manifest's contract against what the ONNX file and labels.txt actually hold."""
+    import onnx
+
+    onnx_file = m.path(m.artifact("onnx"))
+    if not onnx_file.is_file() or m.artifact("onnx").file in changed:
+        return
+    graph = onnx.load(str(onnx_file), load_external_data=False).graph
+    for spec, value, dtype in ((m.input, graph.input[0], "uint8"), (m.output, graph.output[0], "float32")):
+        shape = tuple(d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim)
+        elem = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
+        if (spec.name, spec.dtype, spec.shape) != (value.name, elem, shape):
+            result.differences.append(f"manifest {spec.name!r}: {spec.dtype} {list(spec.shape)}, model.onnx has "
+                                      f"{value.name!r}: {elem} {list(shape)}")
+    if m.output.shape[-1] != m.num_classes:
+        result.differences.append(f"num_classes: manifest says {m.num_classes}, its output shape {list(m.output.shape)}")
+    if m.input.shape[-1] != m.preprocessing.input_size:
+        result.differences.append(f"preprocessing.input_size: manifest says {m.preprocessing.input_size}, its input "
+                                  f"shape {list(m.input.shape)}")
+    labels_file = m.directory / "labels.txt"
+    if labels_file.is_file() and tuple(labels_file.read_text(encoding="utf-8").splitlines()) != m.labels:
+        result.differences.append("labels: manifest and labels.txt differ")
+
+
+def _compare_numbers(where: str, recorded: dict[str, Any], now: dict[str, Any], keys: tuple[str, ...],
+                     result: VerifyResult) -> None:
+    for key in keys:
+        if key not in recorded:
+            result.differences.append(f"{where}.{key}: missing from the manifest (re-run gives {now[key]:.6g})")
+            continue
+        exact = key.startswith("top1") or key == "drop_points"
+        same = abs(recorded[key] - now[key]) <= 1e-9 if exact else _close(recorded[key], now[key])
+        if not same:
+            result.differences.append(f"{where}.{key}: manifest says {recorded[key]:.6g}, re-run gives {now[key]:.6g}")
+
+
+def _rerun_parity(m: Manifest, result: VerifyResult, changed: set[str], log: Callable[[str], None]) -> None:
+    from ganet.checkpoint import CheckpointError, load_checkpoint
+    from ganet.export import parity as P
+    from ganet.export.pipeline import heldout_top1, int8_evaluation_data
+
+    ckpt = Path(m.checkpoint.get("path", ""))
+    if not ckpt.is_file():
+        result.notes.append(f"parity could not be re-run: the checkpoint {ckpt} recorded in the manifest is gone "
+                            "(hashes were checked)")
+        return
+    if sha256_file(ckpt) != m.checkpoint.get("sha256"):
+        result.differences.append(f"checkpoint {ckpt}: sha256 differs from the manifest (it changed since the "
+                                  "export); parity not re-run")
+        return
+    try:
+        model, info = load_checkpoint(ckpt)
+    except CheckpointError as e:
+        result.differences.append(f"checkpoint: {e}")
+        return
+    log(f"[ganet-export] re-running parity against {ckpt} ...")
+    prep = m.preprocessing
+    dataset = P.dataset_of(info.extra, prep)
+    inputs = P.parity_inputs(prep, dataset)
+    reference = P.torch_reference(model, prep, inputs.images)
+    recorded = m.parity.get("onnx", {})
+    batches = [int(b) for b in recorded.get("by_batch", {})] or [1, m.max_batch]
+    onnx_file = m.path(m.artifact("onnx"))
+    now = P.run_parity(P.ort_runner(onnx_file), inputs, reference, batches, P.TOLERANCES["onnx"])
+    if not now.passed:
+        result.differences.append(P.failure_message("ONNX Runtime fp32 (re-run)", now))
+    if recorded.get("n") != now.n:
+        result.differences.append(f"parity.onnx.n: manifest says {recorded.get('n')} images, re-run used {now.n}")
+    _compare_numbers("parity.onnx", recorded, now.to_dict(), ("max_abs", "mean_abs", "top1_agreement"), result)
+    for b, rb in now.by_batch.items():
+        _compare_numbers(f"parity.onnx.by_batch.{b}", recorded.get("by_batch", {}).get(b, {}), rb,
+                         ("max_abs", "mean_abs", "top1_agreement"), result)
+    int8 = m.artifact("onnx_int8")
+    held = (m.parity.get("onnx_int8") or {}).get("heldout")
+    if int8 is not None and int8.file in changed:
+        result.notes.append(f"INT8 accuracy not re-run: {int8.file} differs from the manifest")
+    elif int8 is not None and held:
+        _, held_out, _ = int8_evaluation_data(prep, dataset, 1)
+        if held_out is not None:
+            acc32, acc8 = heldout_top1(onnx_file, held_out), heldout_top1(m.path(int8), held_out)
+            _compare_numbers("parity.onnx_int8.heldout", held,
+                             {"top1_fp32": acc32, "top1_int8": acc8, "drop_points": 100 * (acc32 - acc8)},
+                             ("top1_fp32", "top1_int8", "drop_points"), result)
+    if m.artifact("tensorrt") is not None:
+        result.notes.append("TensorRT parity not re-run by --verify (run the engine on its GPU: ganet-serve)")
+    result.parity_rerun = True
+
+
+def verify_export(directory: str | Path, log: Callable[[str], None] = print) -> VerifyResult:
+    """Check an export directory against its manifest. Raises ManifestError if there is no usable manifest."""
+    m = load_manifest(directory)
+    result = VerifyResult()
+    _check_files(m, result)
+    changed = {d.split(":", 1)[0] for d in result.differences}  # files that are missing or differ
+    _check_contract(m, result, changed)
+    onnx_file = m.artifact("onnx").file
+    if onnx_file in changed:
+        result.notes.append(f"parity not re-run: {onnx_file} differs from the manifest")
+    else:
+        _rerun_parity(m, result, changed, log)
+    return result

@@ -1,0 +1,197 @@
+"""Inference backends: uint8 images (B, 3, S, S) in, float32 logits (B, num_classes) out.
+
+The ONNX Runtime backend imports neither torch nor torchvision; the TensorRT one lives in ``trt_backend.py``.
+``load_backend`` resolves ``--backend auto`` (tensorrt > onnxruntime > torch) and says why it chose what it chose.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from ganet.preprocess import Preprocessing
+
+__all__ = ["Backend", "ModelSpec", "BackendError", "OnnxRuntimeBackend", "TorchBackend", "load_backend",
+           "choose_backend"]
+
+log = logging.getLogger("ganet.serve")
+
+
+class BackendError(RuntimeError):
+    """The requested backend cannot serve this model on this host (message says why and what to do)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the HTTP layer needs to know about the served model."""
+
+    name: str
+    labels: tuple[str, ...]
+    preprocessing: Preprocessing
+    max_batch: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        s = self.preprocessing.input_size
+        return (3, s, s)
+
+
+class Backend(Protocol):
+    name: str  # "onnxruntime", "tensorrt", "torch"
+    device: str  # "cpu", "cuda", "CUDAExecutionProvider", ...
+
+    def __call__(self, images: np.ndarray) -> np.ndarray: ...  # (B, 3, S, S) uint8 -> (B, C) float32
+
+    def close(self) -> None: ...
+
+
+def _threads(n: int) -> int:
+    return n if n > 0 else (os.cpu_count() or 1)
+
+
+class OnnxRuntimeBackend:
+    """An ONNX Runtime session on the CUDA execution provider when onnxruntime-gpu offers it, else the CPU."""
+
+    name = "onnxruntime"
+
+    def __init__(self, onnx_path: str | os.PathLike, intra_op_threads: int = 0, prefer_cuda: bool = True) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # one chain of convolutions: nothing to overlap
+        opts.intra_op_num_threads = _threads(intra_op_threads)
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3  # errors only
+        available = ort.get_available_providers()
+        providers = ["CPUExecutionProvider"]
+        if prefer_cuda and "CUDAExecutionProvider" in available:
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
+        self.device = self.session.get_providers()[0]
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        (logits,) = self.session.run([self.output_name], {self.input_name: images})
+        return np.asarray(logits, dtype=np.float32)
+
+    def close(self) -> None:
+        self.session = None
+
+
+class TorchBackend:
+    """The PyTorch model from a checkpoint, eager, normalising inside exactly as the exported graph does."""
+
+    name = "torch"
+
+    def __init__(self, checkpoint: str | os.PathLike, device: str | None = None, intra_op_threads: int = 0) -> None:
+        import torch
+
+        from ganet.checkpoint import load_checkpoint
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cpu":
+            torch.set_num_threads(_threads(intra_op_threads))
+        self.model, self.info = load_checkpoint(checkpoint, self.device)
+        prep = self.info.preprocessing
+        self._mean = torch.tensor(prep.mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(prep.std, device=self.device).view(1, 3, 1, 1)
+        self._torch = torch
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            x = torch.from_numpy(images).to(self.device).float()  # (B, 3, S, S) 0..255
+            x = (x / 255.0 - self._mean) / self._std
+            return self.model(x).float().cpu().numpy()
+
+    def gpu_memory_bytes(self) -> float:
+        return float(self._torch.cuda.memory_allocated()) if self.device.startswith("cuda") else 0.0
+
+    def close(self) -> None:
+        self.model = None
+
+
+def _is_checkpoint(path: Path) -> bool:
+    return path.is_file() and path.suffix == ".safetensors"
+
+
+def choose_backend(model: Path, requested: str) -> tuple[str, str]:
+    """``(backend, reason)`` for ``--backend requested`` (``auto`` resolves to the fastest usable one)."""
+    if requested != "auto":
+        return requested, "requested"
+    if _is_checkpoint(model):
+        return "torch", "MODEL is a checkpoint, which only the torch backend reads"
+    from ganet.export.manifest import load_manifest
+
+    manifest = load_manifest(model)
+    reasons = []
+    if manifest.artifact("tensorrt") is None:
+        reasons.append("no TensorRT engine in the export")
+    else:
+        from ganet.export.tensorrt import tensorrt_available
+
+        if tensorrt_available():
+            return "tensorrt", "TensorRT engine present, tensorrt importable and a CUDA GPU visible"
+        reasons.append("TensorRT engine present but tensorrt/cuda-python or a GPU is missing")
+    try:
+        import onnxruntime as ort
+
+        providers = ort.get_available_providers()
+        where = "CUDA execution provider" if "CUDAExecutionProvider" in providers else "CPU execution provider"
+        return "onnxruntime", "; ".join(reasons + [f"onnxruntime importable ({where})"])
+    except ImportError:
+        reasons.append("onnxruntime is not installed")
+    return "torch", "; ".join(reasons)
+
+
+def load_backend(model: str | os.PathLike, requested: str = "auto", *, intra_op_threads: int = 0,
+                 device: str | None = None, max_batch: int | None = None,
+                 name: str | None = None) -> tuple[Backend, ModelSpec]:
+    """Load MODEL (an export directory, or a checkpoint for torch) with the requested backend."""
+    model = Path(model)
+    backend, reason = choose_backend(model, requested)
+    log.info("backend %s: %s", backend, reason, extra={"event": "backend", "backend": backend, "reason": reason})
+    if backend == "torch":
+        checkpoint = model
+        if not _is_checkpoint(model):
+            from ganet.export.manifest import load_manifest
+
+            checkpoint = Path(load_manifest(model).checkpoint.get("path", ""))
+            if not checkpoint.is_file():
+                raise BackendError(f"the torch backend needs a checkpoint; {model}'s manifest records "
+                                   f"{str(checkpoint)!r}, which does not exist: pass the .safetensors file instead")
+        runner = TorchBackend(checkpoint, device, intra_op_threads)
+        info = runner.info
+        spec = ModelSpec(name or info.model, info.labels, info.preprocessing, max_batch or 32)
+        return runner, spec
+    if _is_checkpoint(model):
+        raise BackendError(f"--backend {backend} serves an export directory, not a checkpoint: run "
+                           f"`ganet-export {model} --output DIR` first, or use --backend torch")
+    from ganet.export.manifest import load_manifest
+
+    manifest = load_manifest(model)
+    limit = manifest.max_batch
+    if max_batch is not None and max_batch > limit:
+        raise BackendError(f"--max-batch {max_batch} exceeds the export's max_batch {limit} (re-export with "
+                           f"--max-batch {max_batch})")
+    spec = ModelSpec(name or manifest.model, manifest.labels, manifest.preprocessing, max_batch or limit)
+    if backend == "onnxruntime":
+        return OnnxRuntimeBackend(manifest.path(manifest.artifact("onnx")), intra_op_threads), spec
+    if backend == "tensorrt":
+        from ganet.serve.trt_backend import TensorRTBackend
+
+        artifact = manifest.artifact("tensorrt")
+        if artifact is None:
+            raise BackendError(f"{model} holds no TensorRT engine: re-export with `ganet-export --trt` on a GPU host")
+        return TensorRTBackend(manifest.path(artifact), artifact.info), spec
+    raise BackendError(f"unknown backend {backend!r}; expected auto, tensorrt, onnxruntime or torch")

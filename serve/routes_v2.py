@@ -1,0 +1,239 @@
+"""The Open Inference Protocol v2 (KServe / Triton) over REST, with Triton's binary tensor extension.
+
+Input `image`: UINT8 [B, 3, S, S] RGB 0..255 (the exported graph's contract), FP32 of the same shape (values
+0..255, rounded to the nearest integer, since the graph reads uint8), or BYTES [B] / [B, 1] of encoded images that
+the server decodes like /classify (binary extension: raw bytes; JSON: base64 strings). Output `logits`: FP32
+[B, num_classes]. Every image goes through the same dynamic batcher as /classify.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import struct
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from ganet.serve.app import ServeState, StateDep, _version, require_api_key
+from ganet.serve.errors import ERROR_RESPONSES, ServeError
+from ganet.serve.schemas import (V2InferRequest, V2InferResponse, V2ModelMetadata, V2ServerMetadata, V2Tensor,
+                                 V2TensorMetadata)
+
+__all__ = ["router", "INPUT_NAME", "OUTPUT_NAME", "unpack_bytes"]
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol v2"])
+INPUT_NAME, OUTPUT_NAME = "image", "logits"
+VERSION = "1"
+_ERRORS = {k: v for k, v in ERROR_RESPONSES.items() if k in (400, 401, 413, 415, 503, 504)}
+_ERRORS[404] = {"model": ERROR_RESPONSES[400]["model"], "description": "unknown model or version (`not_found`)"}
+
+
+def _check_model(state: ServeState, name: str, version: str | None) -> None:
+    if state.spec is None or name != state.spec.name:
+        served = state.spec.name if state.spec else "(loading)"
+        raise ServeError(404, "not_found", f"unknown model {name!r}; this server serves {served!r}")
+    if version is not None and version != VERSION:
+        raise ServeError(404, "not_found", f"unknown version {version!r} of model {name!r}; available: [{VERSION!r}]")
+
+
+@router.get("", response_model=V2ServerMetadata, summary="Server metadata")
+async def server_metadata() -> V2ServerMetadata:
+    return V2ServerMetadata(name="ganet-serve", version=_version(), extensions=["binary_tensor_data"])
+
+
+@router.get("/health/live", summary="200 while the process runs")
+async def live() -> dict:
+    return {"live": True}
+
+
+@router.get("/health/ready", summary="200 once the model is loaded and warmed up, 503 before and while stopping",
+            responses={503: ERROR_RESPONSES[503]})
+async def ready(state: StateDep) -> dict:
+    if not state.ready:
+        raise ServeError(503, "not_ready", "not ready: the model is loading, warming up or shutting down")
+    return {"ready": True}
+
+
+def _metadata(state: ServeState, name: str, version: str | None) -> V2ModelMetadata:
+    _check_model(state, name, version)
+    spec, backend = state.spec, state.backends[0]
+    s = spec.preprocessing.input_size
+    return V2ModelMetadata(
+        name=spec.name, versions=[VERSION], platform=f"ganet_{backend.name}",
+        inputs=[V2TensorMetadata(name=INPUT_NAME, datatype="UINT8", shape=[-1, 3, s, s])],
+        outputs=[V2TensorMetadata(name=OUTPUT_NAME, datatype="FP32", shape=[-1, spec.num_classes])],
+        parameters={"labels": list(spec.labels), "preprocessing": spec.preprocessing.to_dict(),
+                    "max_batch": spec.max_batch, "backend": backend.name, "device": backend.device,
+                    "also_accepts": "image as FP32 [B,3,S,S] (0..255) or BYTES [B] (encoded images)"})
+
+
+@router.get("/models/{name}", response_model=V2ModelMetadata, responses=_ERRORS, summary="Model metadata")
+async def model_metadata(name: str, state: StateDep) -> V2ModelMetadata:
+    return _metadata(state, name, None)
+
+
+@router.get("/models/{name}/versions/{version}", response_model=V2ModelMetadata, responses=_ERRORS,
+            summary="Model metadata (versioned)")
+async def model_metadata_version(name: str, version: str, state: StateDep) -> V2ModelMetadata:
+    return _metadata(state, name, version)
+
+
+async def _model_ready(state: ServeState, name: str, version: str | None) -> dict:
+    _check_model(state, name, version)
+    if not state.ready:
+        raise ServeError(503, "not_ready", f"model {name!r} is not ready (warming up or shutting down)")
+    return {"name": name, "ready": True}
+
+
+@router.get("/models/{name}/ready", responses=_ERRORS, summary="200 when the model is ready")
+async def model_ready(name: str, state: StateDep) -> dict:
+    return await _model_ready(state, name, None)
+
+
+@router.get("/models/{name}/versions/{version}/ready", responses=_ERRORS, summary="Model ready (versioned)")
+async def model_ready_version(name: str, version: str, state: StateDep) -> dict:
+    return await _model_ready(state, name, version)
+
+
+def unpack_bytes(raw: bytes) -> list[bytes]:
+    """Triton's binary BYTES serialisation: each element is a 4-byte little-endian length, then the bytes."""
+    out, pos = [], 0
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise ServeError(400, "invalid_tensor", "BYTES tensor: truncated element length")
+        (n,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        if pos + n > len(raw):
+            raise ServeError(400, "invalid_tensor", f"BYTES tensor: element of {n} bytes runs past the data")
+        out.append(raw[pos:pos + n])
+        pos += n
+    return out
+
+
+def _parse(body: bytes, header_length: str | None) -> tuple[V2InferRequest, bytes]:
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise ServeError(400, "bad_request", f"Inference-Header-Content-Length {header_length!r} is not a length "
+                                                 f"within the {len(body)}-byte body")
+        json_part, binary = body[:int(header_length)], body[int(header_length):]
+    else:
+        json_part, binary = body, b""
+    try:
+        return V2InferRequest.model_validate_json(json_part), binary
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()[:5])
+        raise ServeError(400, "bad_request", f"invalid inference request: {problems}") from None
+
+
+def _pixels(tensor: V2Tensor, raw: bytes | None, sample: tuple[int, int, int]) -> np.ndarray:
+    """UINT8 or FP32 [B, 3, S, S] -> uint8 (B, 3, S, S)."""
+    shape = tuple(tensor.shape)
+    if len(shape) != 4 or shape[1:] != sample or shape[0] < 1:
+        raise ServeError(400, "invalid_tensor", f"input {INPUT_NAME!r} {tensor.datatype}: expected shape "
+                                                f"[B, {', '.join(map(str, sample))}], got {list(shape)}")
+    dtype = np.uint8 if tensor.datatype == "UINT8" else np.dtype("<f4")
+    count = int(np.prod(shape))
+    try:
+        if raw is not None:
+            values = np.frombuffer(raw, dtype=dtype)
+        else:
+            values = np.asarray(tensor.data if tensor.data is not None else [], dtype=np.float64).reshape(-1)
+    except (ValueError, TypeError) as e:
+        raise ServeError(400, "invalid_tensor", f"input {INPUT_NAME!r}: data is not numeric ({e})") from None
+    if values.size != count:
+        raise ServeError(400, "invalid_tensor", f"input {INPUT_NAME!r}: shape {list(shape)} needs {count} values, "
+                                                f"got {values.size}")
+    if values.dtype != np.uint8:
+        if not np.all(np.isfinite(values)) or values.min() < 0 or values.max() > 255:
+            raise ServeError(400, "invalid_tensor", f"input {INPUT_NAME!r}: pixel values must lie in 0..255")
+        values = np.rint(values).astype(np.uint8)
+    return values.reshape(shape)
+
+
+def _encoded(tensor: V2Tensor, raw: bytes | None) -> list[bytes]:
+    shape = tuple(tensor.shape)
+    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 1:
+        raise ServeError(400, "invalid_tensor", f"BYTES input {INPUT_NAME!r}: expected shape [B] or [B, 1] of "
+                                                f"encoded images, got {list(shape)}")
+    if raw is not None:
+        items = unpack_bytes(raw)
+    else:
+        try:
+            items = [base64.b64decode(str(x), validate=True) for x in (tensor.data or [])]
+        except (binascii.Error, ValueError):
+            raise ServeError(400, "invalid_tensor", "BYTES input in JSON must hold base64-encoded images (or use "
+                                                    "the binary tensor extension)") from None
+    if len(items) != shape[0]:
+        raise ServeError(400, "invalid_tensor", f"BYTES input: shape {list(shape)} but {len(items)} elements")
+    return items
+
+
+@router.post("/models/{name}/infer", response_model=V2InferResponse, responses=_ERRORS,
+             dependencies=[Depends(require_api_key)], summary="Inference (JSON or binary tensor extension)",
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": {"$ref": "#/components/schemas/V2InferRequest"}},
+                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
+                                              "description": "JSON header of Inference-Header-Content-Length "
+                                                             "bytes, then the binary tensors"}}}})
+async def infer(name: str, request: Request, state: StateDep) -> Response:
+    return await _infer(state, request, name, None)
+
+
+@router.post("/models/{name}/versions/{version}/infer", response_model=V2InferResponse, responses=_ERRORS,
+             dependencies=[Depends(require_api_key)], summary="Inference (versioned)")
+async def infer_version(name: str, version: str, request: Request, state: StateDep) -> Response:
+    return await _infer(state, request, name, version)
+
+
+async def _infer(state: ServeState, request: Request, name: str, version: str | None) -> Response:
+    _check_model(state, name, version)
+    if request.headers.get("content-encoding", "identity") != "identity":
+        raise ServeError(415, "unsupported_media_type", "compressed requests are not accepted; send identity")
+    req, binary = _parse(await request.body(), request.headers.get("inference-header-content-length"))
+    if len(req.inputs) != 1 or req.inputs[0].name != INPUT_NAME:
+        raise ServeError(400, "invalid_tensor", f"expected exactly one input named {INPUT_NAME!r}, got "
+                                                f"{[t.name for t in req.inputs]}")
+    tensor = req.inputs[0]
+    size = (tensor.parameters or {}).get("binary_data_size")
+    raw = None
+    if size is not None:
+        if not isinstance(size, int) or size < 0 or size > len(binary):
+            raise ServeError(400, "invalid_tensor", f"binary_data_size {size!r} does not fit the {len(binary)} "
+                                                    "binary bytes after the JSON header")
+        raw = binary[:size]
+    if tensor.datatype in ("UINT8", "FP32"):
+        batch = _pixels(tensor, raw, state.spec.input_shape)
+        images = list(batch)
+    elif tensor.datatype == "BYTES":
+        decoded = await asyncio.gather(*(state.decode(data) for data in _encoded(tensor, raw)))
+        images = [image for image, _ in decoded]
+    else:
+        raise ServeError(400, "invalid_tensor", f"input {INPUT_NAME!r}: datatype {tensor.datatype!r} is not "
+                                                "accepted; expected UINT8, FP32 or BYTES")
+    if len(images) > state.settings.max_files:
+        raise ServeError(413, "too_many_files", f"{len(images)} images exceed the limit of {state.settings.max_files}")
+    for out in req.outputs or []:
+        if out.name != OUTPUT_NAME:
+            raise ServeError(400, "invalid_tensor", f"unknown output {out.name!r}; the model has {OUTPUT_NAME!r}")
+    results = await state.infer(images)
+    logits = np.stack([r.logits for r in results]).astype("<f4")  # (B, C)
+    if req.outputs:
+        wants_binary = bool((req.outputs[0].parameters or {}).get("binary_data", False))
+    else:
+        wants_binary = bool((req.parameters or {}).get("binary_data_output", False))
+    header = {"model_name": state.spec.name, "model_version": VERSION, "outputs": [
+        {"name": OUTPUT_NAME, "datatype": "FP32", "shape": list(logits.shape)}]}
+    if req.id is not None:
+        header["id"] = req.id
+    if not wants_binary:
+        header["outputs"][0]["data"] = logits.reshape(-1).tolist()
+        return JSONResponse(header)
+    data = logits.tobytes()
+    header["outputs"][0]["parameters"] = {"binary_data_size": len(data)}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return Response(head + data, media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(len(head))})

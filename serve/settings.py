@@ -1,0 +1,46 @@
+"""Every ``ganet-serve`` option, from the command line or from ``GANET_*`` environment variables."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ServeSettings", "BackendName"]
+
+BackendName = Literal["auto", "tensorrt", "onnxruntime", "torch"]
+
+
+class ServeSettings(BaseSettings):
+    """Command-line flags win over ``GANET_<NAME>`` environment variables, which win over these defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="GANET_", extra="forbid", protected_namespaces=())
+
+    model: Path = Field(description="export directory from ganet-export (or a .safetensors checkpoint for torch)")
+    backend: BackendName = Field("auto", description="auto picks tensorrt > onnxruntime > torch")
+    model_name: str | None = Field(None, description="name served under /v2/models/{name} (default: the model's)")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_batch: int | None = Field(None, ge=1, description="largest batch (default: the export's max_batch)")
+    max_delay_us: int = Field(2000, ge=0, description="how long a batch waits for more requests after its first")
+    queue_size: int = Field(256, ge=1, description="images waiting for inference; more -> 503 + Retry-After")
+    timeout_ms: float = Field(10_000, gt=0, description="per-request deadline in the queue and worker -> 504")
+    workers_decode: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1,
+                                description="threads that decode images (default: the CPU count)")
+    instances: int = Field(1, ge=1, description="model instances, one inference worker thread each")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime / torch threads per instance (0: CPU count)")
+    device: str | None = Field(None, description="torch backend: cuda or cpu (default: cuda if available)")
+    api_key: SecretStr | None = Field(None, description="if set, inference routes need Authorization: Bearer KEY")
+    cors_origins: str = Field("", description="comma-separated allowed origins; empty: no CORS headers")
+    grace_s: float = Field(10.0, ge=0, description="SIGTERM: seconds to finish in-flight requests")
+    max_body_bytes: int = Field(20 * 2**20, ge=1, description="larger request bodies -> 413")
+    max_pixels: int = Field(50_000_000, ge=1, description="images with more pixels (read from the header) -> 413")
+    max_files: int = Field(64, ge=1, description="most images in one /classify request")
+    warmup: bool = Field(True, description="run every batch size once before turning ready")
+    log_level: str = "info"
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
