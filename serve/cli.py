@@ -24,32 +24,38 @@ exit codes: 0 stopped cleanly; 2 bad option or a model that cannot be served (th
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """One flag per ``ServeSettings`` field: its description, default and environment variable come from there."""
+    from typing import Literal, get_args, get_origin
+
+    from pydantic_core import PydanticUndefined
+
+    from ganet.serve.settings import ServeSettings
+
     p = argparse.ArgumentParser(prog="ganet-serve", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="Serve a ganet export (or checkpoint) over HTTP with dynamic batching.")
-    a = p.add_argument
-    a("model", nargs="?", help="export directory from ganet-export (or a .safetensors checkpoint for --backend torch)"
-                               "; env GANET_MODEL")
-    a("--backend", choices=["auto", "tensorrt", "onnxruntime", "torch"],
-      help="auto (default) picks tensorrt (engine + GPU) > onnxruntime > torch and logs why")
-    a("--model-name", help="name under /v2/models/ (default: the architecture name)")
-    a("--host", help="bind address (default 127.0.0.1)")
-    a("--port", type=int, help="port (default 8000)")
-    a("--max-batch", type=int, help="largest batch one inference call runs (default: the export's max_batch)")
-    a("--max-delay-us", type=int, help="how long a batch waits for more images after its first (default 2000)")
-    a("--queue-size", type=int, help="images waiting for inference before 503 + Retry-After (default 256)")
-    a("--timeout-ms", type=float, help="per-request deadline; past it 504 (default 10000)")
-    a("--workers-decode", type=int, help="image-decoding threads (default: the CPU count)")
-    a("--instances", type=int, help="model instances, one inference thread each (default 1)")
-    a("--intra-op-threads", type=int, help="threads inside one inference call (default 0: the CPU count)")
-    a("--device", help="torch backend: cuda or cpu (default: cuda when available)")
-    a("--api-key", help="require Authorization: Bearer KEY on /classify and /v2/.../infer (prefer GANET_API_KEY)")
-    a("--cors-origins", help="comma-separated origins allowed by CORS (default: none, no CORS headers)")
-    a("--grace-s", type=float, help="on SIGTERM, seconds to finish in-flight requests (default 10)")
-    a("--max-body-bytes", type=int, help="larger request bodies get 413 (default 20 MiB)")
-    a("--max-pixels", type=int, help="images with more pixels get 413, read from the header (default 50e6)")
-    a("--max-files", type=int, help="most images in one request (default 64)")
-    a("--no-warmup", dest="warmup", action="store_const", const=False, help="skip the warm-up (not for production)")
-    a("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+    for name, field in ServeSettings.model_fields.items():
+        env = f"GANET_{name.upper()}"
+        if name == "model":
+            p.add_argument("model", nargs="?", help=f"{field.description}; env {env}")
+            continue
+        flag = "--" + name.replace("_", "-")
+        annotation = field.annotation
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if args and get_origin(annotation) is not Literal:  # X | None
+            annotation = args[0]
+        if field.default_factory is not None:
+            default = "the CPU count" if name == "workers_decode" else "computed"
+        else:
+            default = "none" if field.default in (None, "", PydanticUndefined) else field.default
+        mentioned = "default" in (field.description or "")  # the description already says what happens
+        help_text = f"{field.description} ({'' if mentioned else f'default: {default}; '}env {env})"
+        if annotation is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif get_origin(annotation) is Literal:
+            p.add_argument(flag, choices=get_args(annotation), help=help_text)
+        else:
+            kind = annotation if annotation in (int, float) else str
+            p.add_argument(flag, type=kind, metavar=name.upper(), help=help_text)
     return p
 
 
@@ -63,7 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = ServeSettings(**given)
     except ValidationError as e:
-        problems = "; ".join(("MODEL (or GANET_MODEL)" if err["loc"] == ("model",) else
+        problems = "; ".join("MODEL is required: an export directory from ganet-export, or a checkpoint with "
+                             "--backend torch (or set GANET_MODEL)" if err["loc"] == ("model",) and
+                             err["type"] == "missing" else
+                             ("MODEL" if err["loc"] == ("model",) else
                               f"--{'-'.join(str(p) for p in err['loc']).replace('_', '-')}") + f": {err['msg']}"
                              for err in e.errors())
         print(f"ganet-serve: error: {problems}", file=sys.stderr)

@@ -21,8 +21,8 @@ class ServeSettings(BaseSettings):
     model: Path = Field(description="export directory from ganet-export (or a .safetensors checkpoint for torch)")
     backend: BackendName = Field("auto", description="auto picks tensorrt > onnxruntime > torch")
     model_name: str | None = Field(None, description="name served under /v2/models/{name} (default: the model's)")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
+    host: str = Field("127.0.0.1", description="bind address (0.0.0.0 to accept other hosts)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
     max_batch: int | None = Field(None, ge=1, description="largest batch (default: the export's max_batch)")
     max_delay_us: int = Field(2000, ge=0, description="how long a batch waits for more requests after its first")
     queue_size: int = Field(256, ge=1, description="images waiting for inference; more -> 503 + Retry-After")
@@ -39,7 +39,7 @@ class ServeSettings(BaseSettings):
     max_pixels: int = Field(50_000_000, ge=1, description="images with more pixels (read from the header) -> 413")
     max_files: int = Field(64, ge=1, description="most images in one /classify request")
     warmup: bool = Field(True, description="run every batch size once before turning ready")
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="structured log level")
 
     @property
     def cors_origin_list(self) -> list[str]:
