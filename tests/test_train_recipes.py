@@ -216,3 +216,24 @@ def test_torchrun_two_gloo_processes(tmp_path):
 
     single = evaluate_checkpoint(out / "last.safetensors", TrainConfig(device="cpu"))
     assert single["images"] == 360 and single["top1"] == pytest.approx(_metrics(out)[-1]["top1"], abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("extra", [["--amp", "bf16", "--channels-last"], ["--amp", "fp16"], ["--compile"]])
+def test_gpu_speed_options_train(tmp_path, extra):
+    """On a GPU: bf16 + NHWC, fp16 with the gradient scaler, and torch.compile each train the digits, GPU-resident."""
+    out = tmp_path / "gpu"
+    assert main(["--device", "cuda", "--input-size", "16", "--epochs", "3", "--output", str(out)] + extra) == 0
+    lines = _metrics(out)
+    assert all(np.isfinite(m["train_loss"]) for m in lines) and lines[-1]["top1"] > 0.5
+
+
+@pytest.mark.gpu
+def test_gpu_eval_matches_training_time_evaluation(tmp_path, capsys):
+    out = tmp_path / "gpu"
+    assert main(FAST + ["--device", "cuda", "--output", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["--eval", str(out / "last.safetensors"), "--device", "cuda"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["top1"] == pytest.approx(_metrics(out)[-1]["top1"], abs=1e-9)
