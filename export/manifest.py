@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ganet._io import FileProblemError
 from ganet.preprocess import Preprocessing
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST_FILE", "ARTIFACT_KINDS", "ManifestError", "TensorSpec", "Artifact",
@@ -37,13 +38,8 @@ MANIFEST_FILE = "manifest.json"
 ARTIFACT_KINDS = ("onnx", "onnx_int8", "tensorrt")
 
 
-class ManifestError(ValueError):
+class ManifestError(FileProblemError):
     """An export directory whose manifest is missing, corrupt or newer than this ganet reads."""
-
-    def __init__(self, path: str | os.PathLike, problem: str) -> None:
-        super().__init__(f"{path}: {problem}")
-        self.path = Path(path)
-        self.problem = problem
 
 
 @dataclass(frozen=True)

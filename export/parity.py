@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ganet.preprocess import Preprocessing, image_to_uint8
+from ganet.preprocess import Preprocessing, image_to_uint8, normalize_uint8
 
 __all__ = ["ParityInputs", "ParityResult", "ParityError", "TOLERANCES", "photographs", "digits_images", "dataset_of", "failure_message",
            "parity_inputs", "torch_reference", "compare", "run_parity", "ort_session", "ort_runner"]
@@ -88,14 +88,11 @@ def torch_reference(model: Any, prep: Preprocessing, images: np.ndarray, batch_s
     """fp32 CPU logits of ``model`` on uint8 ``images`` normalised in torch: (N, 3, S, S) -> (N, num_classes)."""
     import torch
 
-    mean = torch.tensor(prep.mean).view(1, 3, 1, 1)
-    std = torch.tensor(prep.std).view(1, 3, 1, 1)
     model = model.float().cpu().eval()
     out = []
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
-            x = torch.from_numpy(images[i:i + batch_size]).float().div(255)
-            out.append(model((x - mean) / std).numpy())
+            out.append(model(normalize_uint8(torch.from_numpy(images[i:i + batch_size]), prep)).numpy())
     return np.concatenate(out).astype(np.float32)
 
 

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ganet._io import atomic_write_bytes
+from ganet.preprocess import normalize_uint8
 from ganet.export.manifest import FORMAT, FORMAT_VERSION, MANIFEST_FILE, hash_directory, sha256_file
 from ganet.export.trt_ops import check_tensorrt_compatibility
 from ganet.export.onnx_export import BATCH_AXIS, DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
@@ -344,11 +345,9 @@ def _measure_speed(model: Any, prep: Any, onnx_path: Path, int8_path: Path | Non
     from ganet.export import parity as P
     from ganet.export.speed import interleaved_latency
 
-    mean, std = torch.tensor(prep.mean).view(1, 3, 1, 1), torch.tensor(prep.std).view(1, 3, 1, 1)
-
     def torch_eager(images: np.ndarray) -> Any:
         with torch.inference_mode():
-            return model((torch.from_numpy(images).float().div(255) - mean) / std)
+            return model(normalize_uint8(torch.from_numpy(images), prep))
 
     runners = {"pytorch_eager_fp32": torch_eager, "onnxruntime_fp32": P.ort_runner(onnx_path, spinning=False)}
     if int8_path is not None:

@@ -28,3 +28,12 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+class FileProblemError(ValueError):
+    """A file (or export directory) that cannot be used: the message names it and says what is wrong."""
+
+    def __init__(self, path: str | os.PathLike, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = Path(path)
+        self.problem = problem

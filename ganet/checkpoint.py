@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ganet._io import atomic_write_bytes
+from ganet._io import FileProblemError, atomic_write_bytes
 from ganet.preprocess import Preprocessing
 
 if TYPE_CHECKING:
@@ -41,13 +41,8 @@ FORMAT_VERSION = 1
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
 
-class CheckpointError(ValueError):
+class CheckpointError(FileProblemError):
     """A checkpoint file that cannot be used; the message names the file and what is wrong with it."""
-
-    def __init__(self, path: str | os.PathLike, problem: str) -> None:
-        super().__init__(f"{path}: {problem}")
-        self.path = Path(path)
-        self.problem = problem
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ganet.preprocess import Preprocessing
+from ganet.preprocess import Preprocessing, normalize_uint8
 
 __all__ = ["Backend", "ModelSpec", "BackendError", "OnnxRuntimeBackend", "TorchBackend", "load_backend",
            "choose_backend"]
@@ -102,17 +102,12 @@ class TorchBackend:
         if self.device == "cpu":
             torch.set_num_threads(_threads(intra_op_threads))
         self.model, self.info = load_checkpoint(checkpoint, self.device)
-        prep = self.info.preprocessing
-        self._mean = torch.tensor(prep.mean, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(prep.std, device=self.device).view(1, 3, 1, 1)
         self._torch = torch
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        torch = self._torch
-        with torch.inference_mode():
-            x = torch.from_numpy(images).to(self.device).float()  # (B, 3, S, S) 0..255
-            x = (x / 255.0 - self._mean) / self._std
-            return self.model(x).float().cpu().numpy()
+        with self._torch.inference_mode():
+            x = self._torch.from_numpy(images).to(self.device)  # (B, 3, S, S) uint8
+            return self.model(normalize_uint8(x, self.info.preprocessing)).float().cpu().numpy()
 
     def gpu_memory_bytes(self) -> float:
         return float(self._torch.cuda.memory_allocated()) if self.device.startswith("cuda") else 0.0

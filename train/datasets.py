@@ -25,12 +25,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ganet.preprocess import CIFAR10_MEAN, CIFAR10_STD, CIFAR_MEAN, CIFAR_STD, Preprocessing, image_to_uint8, to_rgb
+from ganet.preprocess import (CIFAR10_MEAN, CIFAR10_STD, CIFAR_MEAN, CIFAR_STD, Preprocessing, image_to_uint8,
+                              normalize_uint8, to_rgb)
 from ganet.train.data import DataSplit, ImageTensors, load_digits
 
 __all__ = ["DATASETS", "IMAGE_EXTENSIONS", "DatasetNotFoundError", "DatasetFormatError", "CorruptImageError",
            "BadSample", "FolderSplit", "ImageFolderDataset", "build_dataset", "load_cifar", "load_imagefolder",
-           "collate_skip_bad", "normalize_uint8"]
+           "collate_skip_bad"]
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
@@ -232,14 +233,6 @@ class FolderSplit:
     val: ImageFolderDataset
     labels: tuple[str, ...]  # sorted class folder names of train/; the class index is the position here
     preprocessing: Preprocessing
-
-
-def normalize_uint8(x: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
-    """``(x / 255 - mean) / std`` per channel: uint8 (..., 3, H, W) -> float32, the normalisation that follows
-    ``image_to_uint8`` (and that exported graphs carry)."""
-    mean = torch.tensor(prep.mean, device=x.device).view(3, 1, 1)
-    std = torch.tensor(prep.std, device=x.device).view(3, 1, 1)
-    return (x.float().div(255) - mean) / std
 
 
 class _PathTable:
