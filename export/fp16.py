@@ -1,7 +1,7 @@
 """Mixed-precision fp16 ONNX for strongly typed TensorRT builds, with the GA block's fragile parts kept in fp32.
 
-The GA block standardises every attention map over H*W (mean, then the L2 norm of the centred map) and takes a
-softmax over H*W. In fp16 the sum of squares overflows (65504 is reached by 1024 pixels of magnitude 8) and the
+The GA block standardises every attention map over H*W (mean, then the root mean square of the centred map) and
+takes a softmax over H*W. In fp16 the sum of squares overflows (65504 is reached by 1024 pixels of magnitude 8) and the
 softmax normaliser loses the small weights, so those nodes -- the *fp32 islands* -- run in fp32 while every
 convolution and matmul over the feature map runs in fp16.
 
@@ -10,7 +10,7 @@ follows the data forward through the small (B, G, H*W) maps until the mask nonli
 into a MatMul or Conv. GA nodes are recognised by the module path the exporter records: the dynamo exporter's
 ``namespace`` metadata names the ``GroupAttention`` class; without metadata (the TorchScript exporter) the node
 name's ``.../attn/...`` scope is used; with neither (a graph simplifier such as onnxslim drops the metadata), by
-structure: a mean whose input is centred by it, the norm of the centred map, and every softmax.
+structure: a mean whose input is centred by it, the norm (or mean square) of the centred map, and every softmax.
 
 ``fp32_island_nodes`` (node names) is what the TensorRT 10 builder pins to fp32 with layer precisions;
 ``to_mixed_fp16`` writes the same split into the graph (Cast nodes at the boundaries) for TensorRT 11, where
@@ -71,9 +71,19 @@ STRUCTURAL = "(structural)"  # the scope of every node when the graph records no
 
 def _scopes(nodes: list[onnx.NodeProto]) -> dict[int, str | None]:
     scope = {id(n): ga_scope(n) for n in nodes}
-    if any(scope.values()) or any(n.metadata_props for n in nodes):
-        return scope
-    return {id(n): STRUCTURAL for n in nodes}  # e.g. after onnxslim, which drops node metadata
+    if not (any(scope.values()) or any(n.metadata_props for n in nodes)):
+        return {id(n): STRUCTURAL for n in nodes}  # e.g. after onnxslim, which drops node metadata
+    # A node the exporter's optimizer made (a Split from two slices, say) has no metadata: it belongs to the block
+    # that both feeds it and reads all its outputs.
+    producer, consumers = _index(nodes)
+    for node in nodes:
+        if node.metadata_props:
+            continue
+        inside = {scope[id(producer[i])] for i in node.input if i in producer}
+        outside = {scope[id(u)] for o in node.output for u in consumers.get(o, [])}
+        if len(inside) == 1 and inside == outside:
+            scope[id(node)] = inside.pop()
+    return scope
 
 
 def _is_centring_mean(node: onnx.NodeProto, consumers: dict) -> bool:
@@ -92,7 +102,10 @@ def _seeds(all_nodes: list[onnx.NodeProto], scope: dict, consumers: dict) -> lis
     # and every softmax counts (the classifier has none). The global average pool of the head matches none of it.
     means = [n for n in nodes if _is_centring_mean(n, consumers)]
     centred = {u.output[0] for m in means for u in consumers[m.output[0]] if u.op_type == "Sub"}
-    norms = [n for n in nodes if n.op_type in ("ReduceL2", "ReduceSumSquare") and n.input[0] in centred]
+    squares = {u.output[0] for c in centred for u in consumers.get(c, [])
+               if u.op_type == "Mul" and list(u.input) == [c, c]}
+    norms = [n for n in nodes if (n.op_type in ("ReduceL2", "ReduceSumSquare") and n.input[0] in centred)
+             or (n.op_type == "ReduceMean" and n.input[0] in squares)]  # mean((x - mean)^2)
     softmaxes = [n for n in nodes if n.op_type in ("Softmax", "LogSoftmax")]
     return means + norms + softmaxes
 

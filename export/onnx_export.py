@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ganet.layers.group_attention import graph_mode
 from ganet.preprocess import Preprocessing
 
 if TYPE_CHECKING:
@@ -74,10 +75,12 @@ def export_onnx(model: nn.Module, prep: Preprocessing, path: str | os.PathLike, 
     example = torch.randint(0, 256, (EXPORT_BATCH, 3, s, s), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim(BATCH_AXIS, min=1, max=max(max_batch, EXPORT_BATCH))
     try:
-        # Traced with autograd on: the inference-only in-place paths of the GA block would add copies to the graph.
-        program = torch.onnx.export(
-            wrapped, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
-            dynamo=DYNAMO, dynamic_shapes={"image": {0: batch}}, external_data=False, optimize=True, verbose=False)
+        # graph_mode: the GA blocks trace their export-shaped forward (fewer passes over the feature map).
+        with graph_mode(wrapped):
+            program = torch.onnx.export(
+                wrapped, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
+                dynamo=DYNAMO, dynamic_shapes={"image": {0: batch}}, external_data=False, optimize=True,
+                verbose=False)
         program.save(str(path), external_data=False)
     except Exception as e:  # the exporter raises many types; keep its message, name the stage
         raise OnnxExportError(f"torch.onnx.export(dynamo={DYNAMO}, opset={opset}) failed: {type(e).__name__}: "

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from ganet.layers.group_attention import graph_mode
 from ganet.layers.group_attention_reference import group_attention_reference
 from ganet import GroupAttention
 
@@ -42,6 +43,20 @@ def test_inplace_matches_equations(kwargs):
     ref = group_attention_reference(block, x)
     with torch.no_grad():
         out = block(x.clone())
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", ABLATIONS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()) or "full")
+@pytest.mark.parametrize("shape", [(2, 60, 8, 8), (3, 30, 5, 7)])
+def test_graph_mode_matches_equations(kwargs, shape):
+    """forward_graph, the export-shaped forward, computes the same function (ablations included)."""
+    model = torch.nn.Sequential(randomize(GroupAttention(shape[1], groups=15, inplace=True, **kwargs)))
+    x = torch.randn(shape)
+    ref = group_attention_reference(model[0], x)
+    with graph_mode(model), torch.no_grad():
+        assert model[0].graph
+        out = model(x)
+    assert not model[0].graph  # restored on exit
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 

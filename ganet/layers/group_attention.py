@@ -29,14 +29,23 @@ per-group convs are linear, so ``conv_g(x * u) = u * conv_g(x)``, and the per-ma
 multiply and one in-place ``addcmul``. Everything else runs on the G small maps, in place during inference.
 ``tests/test_group_attention.py`` checks it against the direct transcription of the equations in
 ``group_attention_reference.py``.
+
+Exported graphs (ONNX Runtime, TensorRT) have no in-place ops, and there every op is a pass of its own, so
+:meth:`GroupAttention.forward_graph` (switched on by :func:`graph_mode` during export) is shaped for them instead:
+the dense U4U conv and the block-diagonal pool/assign convs are two matmuls (one (3G, C) matmul would spend 2.6x the
+multiply-adds on zeros), the pooling weights are folded with ``u`` so that eq. (4) reads the input directly, every
+map keeps a (B, G, ., N) layout so that nothing is transposed, and the spread of a map is the mean of its squared
+deviations (ONNX Runtime's ReduceL2 runs ~8x slower than a Mul and a ReduceMean).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GroupAttention"]
+__all__ = ["GroupAttention", "graph_mode"]
 
 
 class GroupAttention(nn.Module):
@@ -77,6 +86,7 @@ class GroupAttention(nn.Module):
         self.normalize = normalize
         self.eps = eps
         self.inplace = inplace
+        self.graph = False  # set by graph_mode(): forward() becomes forward_graph()
 
         # Parameter layout follows the paper's modules; the per-map affine of normalize() is (gamma, beta) per group.
         if use_u4u:
@@ -132,6 +142,8 @@ class GroupAttention(nn.Module):
         return torch.cat(rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.graph:
+            return self.forward_graph(x)
         b, ch, h, w = x.shape
         g, c, n = self.groups, ch // self.groups, h * w
         # (B, G, C/G, N) views of x; for NCHW and channels_last inputs alike (no copy), and the output keeps x's layout.
@@ -181,3 +193,59 @@ class GroupAttention(nn.Module):
         else:
             logits = logits + self.u4u_conv.bias.view(1, -1, 1)
         return logits.sigmoid_() if inplace else logits.sigmoid()
+
+    def forward_graph(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function as :meth:`forward`, in the op shapes an exported graph runs fastest (see the module
+        docstring); no in-place ops, so it traces into a pure graph."""
+        b, ch, h, w = x.shape
+        g, c, n = self.groups, ch // self.groups, h * w
+        xg = x.reshape(b, g, c, n)  # (B, G, C/G, N)
+        if self.use_u4u:
+            u_logits = torch.matmul(self.u4u_conv.weight.view(g, ch), x.reshape(b, ch, n))  # (B, G, N)
+            if self.normalize:  # (no conv bias: normalize() removes it exactly)
+                u = self._graph_norm(u_logits, self.u4u_gamma, self.u4u_beta).sigmoid()
+            else:
+                u = (u_logits + self.u4u_conv.bias.view(1, g, 1)).sigmoid()
+            u = u.unsqueeze(2)  # (B, G, 1, N)
+            x_unary = xg * u
+        if not self.use_u4p:
+            return x_unary.reshape(b, ch, h, w)
+        # pool and assign logits of every group in one batched matmul: (G, 2, C/G) @ (B, G, C/G, N) -> (B, G, 2, N)
+        pair_weights = torch.stack([self.pool_conv.weight.view(g, c), self.assign_conv.weight.view(g, c)], 1)
+        pair = torch.matmul(pair_weights, xg)
+        if self.use_u4u:
+            pair = pair * u  # conv_g(x * u) = u * conv_g(x)
+        if self.normalize:
+            gamma = torch.stack([self.pool_gamma, self.assign_gamma], 1)  # (G, 2)
+            beta = torch.stack([self.pool_beta, self.assign_beta], 1)
+            pair = self._graph_norm(pair, gamma, beta)
+        else:
+            pair = pair + torch.stack([self.pool_conv.bias, self.assign_conv.bias], 1).unsqueeze(-1)
+        pool_mask, assign_mask = pair.split(1, dim=2)  # (B, G, 1, N) each
+        pool_mask = pool_mask.softmax(dim=-1)
+        # eq. (4) on x itself: sum_p pool_p * (u_p * x_p) = x @ (pool * u)
+        weights = pool_mask * u if self.use_u4u else pool_mask
+        # (B, G, 1, N) -> (B, G, N, 1) as a reshape: a Transpose here becomes a slow transposed matmul in ORT
+        entity = torch.matmul(xg, weights.reshape(b, g, n, 1)) * self.alpha.view(1, g, 1, 1)  # (B, G, C/G, 1)
+        out = (x_unary if self.use_u4u else xg) + entity * assign_mask.sigmoid()  # eqs. (6)-(7)
+        return out.reshape(b, ch, h, w)
+
+    def _graph_norm(self, logits: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+        """normalize() over the last dim, for ``forward_graph``: gamma and beta broadcast against logits[..., 0]."""
+        centered = logits - logits.mean(dim=-1, keepdim=True)
+        sigma = (centered * centered).mean(dim=-1, keepdim=True).sqrt()  # (square() exports as a slow Pow)
+        return centered * (gamma.unsqueeze(-1) / (sigma + self.eps)) + beta.unsqueeze(-1)
+
+
+@contextmanager
+def graph_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, every :class:`GroupAttention` in ``model`` runs :meth:`GroupAttention.forward_graph`:
+    for exporters (ONNX) that record each op as a pass of its own."""
+    blocks = [m for m in model.modules() if isinstance(m, GroupAttention)]
+    for block in blocks:
+        block.graph = True
+    try:
+        yield model
+    finally:
+        for block in blocks:
+            block.graph = False
