@@ -72,10 +72,19 @@ class InvertedResidual(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.split:
             x1, x2 = x.chunk(2, dim=1)
-            out = torch.cat((x1, self.attn(self.branch2(x2))), dim=1)
+            a, b = x1, self.attn(self.branch2(x2))
         else:
-            out = torch.cat((self.branch1(x), self.attn(self.branch2(x))), dim=1)
-        return channel_shuffle(out, 2)
+            a, b = self.branch1(x), self.attn(self.branch2(x))
+        return _concat_shuffle(a, b)
+
+
+def _concat_shuffle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``channel_shuffle(cat((a, b), 1), 2)`` as one copy instead of two (also in ONNX: one Concat, no Transpose):
+    channel 2i is a[i], 2i + 1 is b[i]. Keeps channels_last inputs channels_last."""
+    if a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous():
+        nhwc = torch.stack((a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1)), dim=-1)  # (B, H, W, C, 2)
+        return nhwc.flatten(3).permute(0, 3, 1, 2)
+    return torch.stack((a, b), dim=2).flatten(1, 2)  # (B, C, 2, H, W) -> (B, 2C, H, W)
 
 
 class ShuffleNetV2(nn.Module):
