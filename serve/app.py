@@ -23,7 +23,7 @@ from ganet.serve.batcher import BatchResult, DeadlineExceededError, DynamicBatch
 from ganet.serve.errors import ServeError, install_error_handlers
 from ganet.serve.images import decode_image
 from ganet.serve.metrics import Metrics
-from ganet.serve.settings import ServeSettings
+from ganet.serve.settings import ServeSettings, usable_cpus
 
 __all__ = ["ServeState", "create_app", "load_backends", "warmup_sizes", "StateDep", "require_api_key"]
 
@@ -71,14 +71,15 @@ class ServeState:
                 t.cancel()  # no-op for finished ones; siblings of a failed image stop waiting
 
 
-def get_state(request: Request) -> ServeState:
+# async dependencies: FastAPI runs plain `def` ones in its threadpool, a thread hop per request for nothing.
+async def get_state(request: Request) -> ServeState:
     return request.app.state.serve
 
 
 StateDep = Annotated[ServeState, Depends(get_state)]
 
 
-def require_api_key(request: Request, state: StateDep) -> None:
+async def require_api_key(request: Request, state: StateDep) -> None:
     """Inference routes only: ``Authorization: Bearer KEY`` when --api-key is set, compared in constant time."""
     key = state.settings.api_key
     if key is None:
@@ -161,13 +162,23 @@ class ServeMiddleware:
 
 
 def load_backends(s: ServeSettings) -> tuple[list[Backend], ModelSpec]:
-    """One backend per --instances (each worker thread owns one: TensorRT contexts are not thread-safe)."""
-    backends, spec = [], None
-    for _ in range(s.instances):
-        backend, spec = load_backend(s.model, s.backend, intra_op_threads=s.intra_op_threads, device=s.device,
-                                     max_batch=s.max_batch, name=s.model_name)
-        backends.append(backend)
-    return backends, spec
+    """One backend per --instances (each worker thread owns one: TensorRT contexts are not thread-safe).
+
+    Default instances: ONNX Runtime on the CPU gets one instance per ``intra_op_threads`` CPUs. A CNN this small
+    gains little from intra-op threads, and one session leaves cores idle while its worker waits for the next batch;
+    two sessions on 2 cores serve ~10% more images per second (benchmarks/bench_serve.py). GPUs: one instance."""
+    def load() -> tuple[Backend, ModelSpec]:
+        return load_backend(s.model, s.backend, intra_op_threads=s.intra_op_threads, device=s.device,
+                            max_batch=s.max_batch, name=s.model_name)
+
+    first, spec = load()
+    count = s.instances
+    if count is None:
+        on_cpu = first.name == "onnxruntime" and first.device == "CPUExecutionProvider"
+        count = max(1, usable_cpus() // first.session.get_session_options().intra_op_num_threads) if on_cpu else 1
+        log.info("instances", extra={"event": "instances", "instances": count, "backend": first.name,
+                                     "why": "one per intra-op thread group on the CPU" if on_cpu else "one per GPU"})
+    return [first] + [load()[0] for _ in range(count - 1)], spec
 
 
 def _start(state: ServeState, backends: list[Backend] | None, spec: ModelSpec | None) -> None:

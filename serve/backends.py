@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from ganet.preprocess import Preprocessing, normalize_uint8
+from ganet.serve.settings import usable_cpus
 
 __all__ = ["Backend", "ModelSpec", "BackendError", "OnnxRuntimeBackend", "TorchBackend", "load_backend",
            "choose_backend"]
@@ -54,7 +55,10 @@ class Backend(Protocol):
 
 
 def _threads(n: int) -> int:
-    return n if n > 0 else (os.cpu_count() or 1)
+    """0: half the cores, at least 1; the other half decode images and serve HTTP. GA-ShuffleNetV2 at 224 gains
+    little from intra-op threads: on 2 cores ganet-serve costs 10.2-10.4 CPU ms per image with 1 thread, 10.8-13.4
+    with 2 (benchmarks/bench_serve.py)."""
+    return n if n > 0 else max(1, usable_cpus() // 2)
 
 
 class OnnxRuntimeBackend:
@@ -71,6 +75,9 @@ class OnnxRuntimeBackend:
         opts.intra_op_num_threads = _threads(intra_op_threads)
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3  # errors only
+        # Idle pool threads must not spin: they would take the cores the decode pool and the event loop need
+        # (bench_serve.py, 2 cores, 2 threads: 16-18 -> 11-13 CPU ms per image served).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
         providers = ["CPUExecutionProvider"]
         if prefer_cuda and "CUDAExecutionProvider" in available:

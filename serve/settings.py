@@ -8,7 +8,15 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["ServeSettings", "BackendName"]
+__all__ = ["ServeSettings", "BackendName", "usable_cpus"]
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: a container's --cpuset-cpus, taskset, ... (os.cpu_count() sees them all)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 BackendName = Literal["auto", "tensorrt", "onnxruntime", "torch"]
 
@@ -27,10 +35,13 @@ class ServeSettings(BaseSettings):
     max_delay_us: int = Field(2000, ge=0, description="how long a batch waits for more requests after its first")
     queue_size: int = Field(256, ge=1, description="images waiting for inference; more -> 503 + Retry-After")
     timeout_ms: float = Field(10_000, gt=0, description="per-request deadline in the queue and worker -> 504")
-    workers_decode: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1,
-                                description="threads that decode images (default: the CPU count)")
-    instances: int = Field(1, ge=1, description="model instances, one inference worker thread each")
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime / torch threads per instance (0: CPU count)")
+    workers_decode: int = Field(default_factory=lambda: usable_cpus(), ge=1,
+                                description="threads that decode images (default: the CPUs this process may use)")
+    instances: int | None = Field(None, ge=1, description="model instances, one inference worker thread each "
+                                  "(default: ONNX Runtime on the CPU, one per intra-op-threads CPUs, so that every "
+                                  "core can run inference; otherwise 1)")
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime / torch threads per instance (0: half "
+                                "the CPU count, at least 1; the rest decode and serve HTTP)")
     device: str | None = Field(None, description="torch backend: cuda or cpu (default: cuda if available)")
     api_key: SecretStr | None = Field(None, description="if set, inference routes need Authorization: Bearer KEY")
     cors_origins: str = Field("", description="comma-separated allowed origins; empty: no CORS headers")

@@ -493,7 +493,9 @@ def test_torch_backend_matches_onnxruntime(export_dir):
     assert torch_backend.name == "torch" and spec.labels == tuple(CIFAR10)
     ort_backend = OnnxRuntimeBackend(export_dir / "model.onnx", intra_op_threads=1)
     imgs = np.stack([image_to_uint8(img, spec.preprocessing) for img in photos().values()])
-    np.testing.assert_allclose(torch_backend(imgs), ort_backend(imgs), rtol=0, atol=1e-4)
+    # This untrained, BN-calibrated network amplifies fp32 rounding: PyTorch fp32 is ~7e-5 from its own fp64
+    # evaluation on these photographs (logits up to ~8), so two correct fp32 runtimes may differ by twice that.
+    np.testing.assert_allclose(torch_backend(imgs), ort_backend(imgs), rtol=0, atol=2e-4)
     with pytest.raises(Exception, match="export directory, not a checkpoint"):
         load_backend(checkpoint, "onnxruntime")
     with pytest.raises(Exception, match="no TensorRT engine"):
@@ -529,3 +531,19 @@ def test_cli_refuses_unservable_models_cleanly(export_dir, tmp_path):
     assert env_result.returncode == 2 and "exceeds the export's max_batch" in env_result.stderr
     help_text = subprocess.run(["ganet-serve", "--help"], capture_output=True, text=True).stdout
     assert "GANET_" in help_text and "--max-delay-us" in help_text and "--grace-s" in help_text
+
+
+def test_default_instances_fill_the_cpus_with_onnxruntime(export_dir):
+    """No --instances: ONNX Runtime on the CPU gets one session per intra-op thread group; a number given wins."""
+    from ganet.serve.app import load_backends
+    from ganet.serve.settings import usable_cpus
+
+    backends, _ = load_backends(ServeSettings(model=export_dir, intra_op_threads=1))
+    try:
+        assert len(backends) == usable_cpus()
+        assert len({id(b.session) for b in backends}) == len(backends)  # separate sessions, one per worker
+    finally:
+        for b in backends:
+            b.close()
+    backends, _ = load_backends(ServeSettings(model=export_dir, intra_op_threads=1, instances=1))
+    assert len(backends) == 1
