@@ -19,6 +19,7 @@ to the wall-time sums of ganet-serve's Prometheus /metrics.
 
     python benchmarks/bench_serve.py                        # all three servers, 15 s each
     python benchmarks/bench_serve.py --servers ours --duration 5 --serve-arg=--intra-op-threads=1
+    python benchmarks/bench_serve.py --servers ours,ort --serve-arg=--precision=int8   # exports INT8 too
 
 Writes benchmarks/results/serve_<date>.json.
 """
@@ -54,8 +55,8 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 # ----------------------------------------------------------------------------------------------- the artifacts
 
-def make_export(tmp: Path, max_batch: int) -> tuple[Path, Path]:
-    """A ga_shufflenet_v2 checkpoint (1000 classes, random init) and its ganet-export directory."""
+def make_export(tmp: Path, max_batch: int, int8: bool = False) -> tuple[Path, Path]:
+    """A ga_shufflenet_v2 checkpoint (1000 classes, random init) and its ganet-export directory (+ INT8)."""
     import torch
 
     from ganet.checkpoint import save_checkpoint
@@ -67,7 +68,7 @@ def make_export(tmp: Path, max_batch: int) -> tuple[Path, Path]:
     model = create_model("ga_shufflenet_v2").eval()
     checkpoint = save_checkpoint(tmp / "ga.safetensors", model, "ga_shufflenet_v2", [f"class_{i}" for i in range(1000)],
                                  Preprocessing.for_input_size(224))
-    export = export_checkpoint(checkpoint, ExportOptions(output=tmp / "export", max_batch=max_batch,
+    export = export_checkpoint(checkpoint, ExportOptions(output=tmp / "export", max_batch=max_batch, int8=int8,
                                                          benchmark_rounds=0), log=lambda *a, **k: None)
     return checkpoint, export
 
@@ -484,7 +485,7 @@ def main() -> None:
 
             export, checkpoint = args.export, Path(load_manifest(args.export).checkpoint["path"])
         else:
-            checkpoint, export = make_export(tmp, args.max_batch)
+            checkpoint, export = make_export(tmp, args.max_batch, int8="--precision=int8" in args.serve_arg)
         print(f"export ready in {time.perf_counter() - start_s:.0f} s: {export}", flush=True)
         jpeg = china_jpeg(args.quality)
         names = shutil.which("py-spy") is not None

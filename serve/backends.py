@@ -127,10 +127,12 @@ def _is_checkpoint(path: Path) -> bool:
     return path.is_file() and path.suffix == ".safetensors"
 
 
-def choose_backend(model: Path, requested: str) -> tuple[str, str]:
+def choose_backend(model: Path, requested: str, precision: str = "fp32") -> tuple[str, str]:
     """``(backend, reason)`` for ``--backend requested`` (``auto`` resolves to the fastest usable one)."""
     if requested != "auto":
         return requested, "requested"
+    if precision == "int8":
+        return "onnxruntime", "--precision int8: the export's INT8 model runs on ONNX Runtime"
     if _is_checkpoint(model):
         return "torch", "MODEL is a checkpoint, which only the torch backend reads"
     from ganet.export.manifest import load_manifest
@@ -157,11 +159,14 @@ def choose_backend(model: Path, requested: str) -> tuple[str, str]:
 
 
 def load_backend(model: str | os.PathLike, requested: str = "auto", *, intra_op_threads: int = 0,
-                 device: str | None = None, max_batch: int | None = None,
-                 name: str | None = None) -> tuple[Backend, ModelSpec]:
-    """Load MODEL (an export directory, or a checkpoint for torch) with the requested backend."""
+                 device: str | None = None, max_batch: int | None = None, name: str | None = None,
+                 precision: str = "fp32") -> tuple[Backend, ModelSpec]:
+    """Load MODEL (an export directory, or a checkpoint for torch) with the requested backend and precision."""
     model = Path(model)
-    backend, reason = choose_backend(model, requested)
+    backend, reason = choose_backend(model, requested, precision)
+    if precision == "int8" and backend != "onnxruntime":
+        raise BackendError(f"--precision int8 runs the export's INT8 ONNX model on ONNX Runtime, not on the "
+                           f"{backend} backend: use --backend onnxruntime (or auto)")
     log.info("backend %s: %s", backend, reason, extra={"event": "backend", "backend": backend, "reason": reason})
     if backend == "torch":
         checkpoint = model
@@ -188,7 +193,10 @@ def load_backend(model: str | os.PathLike, requested: str = "auto", *, intra_op_
                            f"--max-batch {max_batch})")
     spec = ModelSpec(name or manifest.model, manifest.labels, manifest.preprocessing, max_batch or limit)
     if backend == "onnxruntime":
-        return OnnxRuntimeBackend(manifest.path(manifest.artifact("onnx")), intra_op_threads), spec
+        artifact = manifest.artifact("onnx_int8" if precision == "int8" else "onnx")
+        if artifact is None:
+            raise BackendError(f"{model} holds no INT8 model: re-export with `ganet-export CHECKPOINT --int8`")
+        return OnnxRuntimeBackend(manifest.path(artifact), intra_op_threads), spec
     if backend == "tensorrt":
         from ganet.serve.trt_backend import TensorRTBackend
 

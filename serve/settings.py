@@ -28,6 +28,9 @@ class ServeSettings(BaseSettings):
 
     model: Path = Field(description="export directory from ganet-export (or a .safetensors checkpoint for torch)")
     backend: BackendName = Field("auto", description="auto picks tensorrt > onnxruntime > torch")
+    precision: Literal["fp32", "int8"] = Field("fp32", description="int8: ONNX Runtime runs the export's INT8 model "
+                                               "(ganet-export --int8, accuracy drop in its manifest); faster on "
+                                               "CPUs with VNNI")
     model_name: str | None = Field(None, description="name served under /v2/models/{name} (default: the model's)")
     host: str = Field("127.0.0.1", description="bind address (0.0.0.0 to accept other hosts)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")

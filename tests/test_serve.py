@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import shutil
 import struct
 import subprocess
 import sys
@@ -35,7 +37,7 @@ _EXPORTS: dict[str, Path] = {}  # test_serve_http.py imports this fixture: one e
 
 @pytest.fixture(scope="session")
 def export_dir(tmp_path_factory) -> Path:
-    """A real export (ONNX, max batch 8) of an untrained 10-class GA-ShuffleNetV2 (CIFAR, 32x32)."""
+    """A real export (ONNX fp32 and INT8, max batch 8) of an untrained 10-class GA-ShuffleNetV2 (CIFAR, 32x32)."""
     if "cifar" not in _EXPORTS:
         _EXPORTS["cifar"] = make_export(tmp_path_factory.mktemp("serve"))
     return _EXPORTS["cifar"]
@@ -53,7 +55,7 @@ def make_export(root: Path) -> Path:
     checkpoint = save_checkpoint(root / "cifar.safetensors", model, "ga_shufflenet_v2_cifar", CIFAR10,
                                  Preprocessing.for_input_size(32))
     result = subprocess.run(["ganet-export", str(checkpoint), "--output", str(root / "export"), "--max-batch", "8",
-                             "--benchmark-rounds", "0"], capture_output=True, text=True, timeout=300)
+                             "--benchmark-rounds", "0", "--int8"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return root / "export"
 
@@ -547,3 +549,28 @@ def test_default_instances_fill_the_cpus_with_onnxruntime(export_dir):
             b.close()
     backends, _ = load_backends(ServeSettings(model=export_dir, intra_op_threads=1, instances=1))
     assert len(backends) == 1
+
+
+def test_precision_int8_serves_the_exports_int8_model(export_dir, tmp_path):
+    """--precision int8: /classify answers with model.int8.onnx (equal to running it directly), not model.onnx."""
+    from ganet.serve.backends import BackendError
+
+    prep = Preprocessing.for_input_size(32)
+    images = np.stack([image_to_uint8(img, prep) for img in photos().values()])
+    int8 = OnnxRuntimeBackend(export_dir / "model.int8.onnx", intra_op_threads=1)(images)
+    fp32 = OnnxRuntimeBackend(export_dir / "model.onnx", intra_op_threads=1)(images)
+    assert np.abs(int8 - fp32).max() > 1e-3  # different models: the test can tell which one answered
+    backend, _ = load_backend(export_dir, "auto", intra_op_threads=1, precision="int8")
+    assert backend.name == "onnxruntime"
+    np.testing.assert_array_equal(backend(images), int8)
+    with pytest.raises(BackendError, match="not on the torch backend"):
+        load_backend(export_dir, "torch", precision="int8")
+    fp32_only = tmp_path / "fp32_only"
+    shutil.copytree(export_dir, fp32_only)
+    manifest = json.loads((fp32_only / "manifest.json").read_text())
+    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["kind"] != "onnx_int8"]
+    del manifest["files"]["model.int8.onnx"]
+    (fp32_only / "model.int8.onnx").unlink()
+    (fp32_only / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BackendError, match="holds no INT8 model: re-export with `ganet-export CHECKPOINT --int8`"):
+        load_backend(fp32_only, "auto", precision="int8")
