@@ -33,9 +33,10 @@ multiply and one in-place ``addcmul``. Everything else runs on the G small maps,
 Exported graphs (ONNX Runtime, TensorRT) have no in-place ops, and there every op is a pass of its own, so
 :meth:`GroupAttention.forward_graph` (switched on by :func:`graph_mode` during export) is shaped for them instead:
 the dense U4U conv and the block-diagonal pool/assign convs are two matmuls (one (3G, C) matmul would spend 2.6x the
-multiply-adds on zeros), the pooling weights are folded with ``u`` so that eq. (4) reads the input directly, every
-map keeps a (B, G, ., N) layout so that nothing is transposed, and the spread of a map is the mean of its squared
-deviations (ONNX Runtime's ReduceL2 runs ~8x slower than a Mul and a ReduceMean).
+multiply-adds on zeros), the pool/assign matmul and eq. (4) read ``x * u``, which the output needs anyway (so ``u``
+multiplies no small map twice), every map keeps a (B, G, ., N) layout so that nothing is transposed, and the spread
+of a map is the mean of its squared deviations (ONNX Runtime's ReduceL2 runs ~8x slower than a Mul and a
+ReduceMean).
 """
 from __future__ import annotations
 
@@ -206,15 +207,15 @@ class GroupAttention(nn.Module):
                 u = self._graph_norm(u_logits, self.u4u_gamma, self.u4u_beta).sigmoid()
             else:
                 u = (u_logits + self.u4u_conv.bias.view(1, g, 1)).sigmoid()
-            u = u.unsqueeze(2)  # (B, G, 1, N)
-            x_unary = xg * u
+            x_unary = xg * u.unsqueeze(2)  # (B, G, C/G, N), eq. (2)
+        else:
+            x_unary = xg
         if not self.use_u4p:
             return x_unary.reshape(b, ch, h, w)
-        # pool and assign logits of every group in one batched matmul: (G, 2, C/G) @ (B, G, C/G, N) -> (B, G, 2, N)
+        # Pool and assign logits of every group in one batched matmul over x * u (eq. (3) and (5) as written; the
+        # product exists anyway, for the output): (G, 2, C/G) @ (B, G, C/G, N) -> (B, G, 2, N)
         pair_weights = torch.stack([self.pool_conv.weight.view(g, c), self.assign_conv.weight.view(g, c)], 1)
-        pair = torch.matmul(pair_weights, xg)
-        if self.use_u4u:
-            pair = pair * u  # conv_g(x * u) = u * conv_g(x)
+        pair = torch.matmul(pair_weights, x_unary)
         if self.normalize:
             gamma = torch.stack([self.pool_gamma, self.assign_gamma], 1)  # (G, 2)
             beta = torch.stack([self.pool_beta, self.assign_beta], 1)
@@ -222,12 +223,10 @@ class GroupAttention(nn.Module):
         else:
             pair = pair + torch.stack([self.pool_conv.bias, self.assign_conv.bias], 1).unsqueeze(-1)
         pool_mask, assign_mask = pair.split(1, dim=2)  # (B, G, 1, N) each
-        pool_mask = pool_mask.softmax(dim=-1)
-        # eq. (4) on x itself: sum_p pool_p * (u_p * x_p) = x @ (pool * u)
-        weights = pool_mask * u if self.use_u4u else pool_mask
-        # (B, G, 1, N) -> (B, G, N, 1) as a reshape: a Transpose here becomes a slow transposed matmul in ORT
-        entity = torch.matmul(xg, weights.reshape(b, g, n, 1)) * self.alpha.view(1, g, 1, 1)  # (B, G, C/G, 1)
-        out = (x_unary if self.use_u4u else xg) + entity * assign_mask.sigmoid()  # eqs. (6)-(7)
+        # eq. (4): (B, G, C/G, N) @ (B, G, N, 1); the (B, G, 1, N) -> (B, G, N, 1) step is a reshape, because a
+        # Transpose here becomes a slow transposed matmul in ORT
+        entity = torch.matmul(x_unary, pool_mask.softmax(dim=-1).reshape(b, g, n, 1))
+        out = x_unary + entity * self.alpha.view(1, g, 1, 1) * assign_mask.sigmoid()  # eqs. (6)-(7)
         return out.reshape(b, ch, h, w)
 
     def _graph_norm(self, logits: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
