@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _stats import spread  # benchmarks/_stats.py (scripts run from this folder)
 
 from ganet.export.onnx_export import export_onnx
 from ganet.export.parity import ort_runner, photographs
@@ -44,11 +45,6 @@ def build(name: str) -> torch.nn.Module:
 
         return ShuffleNetV2(stages_out_channels=GROUP15_WIDTHS).eval()
     return create_model(name).eval()
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-    return {"median": statistics.median(values), "min": min(values), "q1": q[0], "q3": q[2], "max": max(values)}
 
 
 def op_profile(path: Path, images: np.ndarray, threads: int, runs: int = 5) -> dict[str, float]:

@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from _stats import spread  # benchmarks/_stats.py (scripts run from this folder)
+
 import ganet
 from ganet.layers import GroupAttention
 from ganet.layers.group_attention_reference import group_attention_reference
@@ -43,11 +45,6 @@ def straightforward(model: nn.Module) -> nn.Module:
         if isinstance(getattr(unit, "attn", None), GroupAttention):
             unit.attn = StraightforwardGA(unit.attn)
     return model
-
-
-def quartiles(values: list[float]) -> tuple[float, float, float, float, float]:
-    q1, q2, q3 = statistics.quantiles(values, n=4)
-    return min(values), q1, q2, q3, max(values)
 
 
 def bench_size(size: int, batch: int, rounds: int, channels_last: bool, with_reference: bool) -> dict:
@@ -82,7 +79,7 @@ def bench_size(size: int, batch: int, rounds: int, channels_last: bool, with_ref
     for name in models:
         if name != "plain":
             ratios = [a / b for a, b in zip(times[name], times["plain"])]
-            result["ratio"][name] = dict(zip(("min", "q1", "median", "q3", "max"), quartiles(ratios)))
+            result["ratio"][name] = spread(ratios)
     return result
 
 

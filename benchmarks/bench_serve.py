@@ -46,6 +46,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from _stats import spread  # benchmarks/_stats.py (scripts run from this folder)
+
+from ganet.serve.local import free_port, wait_ready
+
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {"over_naive_ort": 1.4, "over_naive_torch": 8.0, "over_naive_ort_async": 1.4,
            "over_naive_torch_async": 8.0, "p99_over_p50_at_half_peak": 3.0}
@@ -124,32 +128,18 @@ def proc_cpu_s(stat_path: str) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(name: str, argv: list[str], ready_path: str, tmp: Path, env: dict[str, str] | None = None) -> Server:
-    """argv gets --port; poll GET ready_path until 200 (the server has loaded and warmed up)."""
-    import httpx
-
+    """argv gets --port; wait until GET ready_path answers 200 (the server has loaded and warmed up)."""
     port, log = free_port(), tmp / f"{name}.log"
     with log.open("wb") as out:  # a file, not a pipe: an undrained pipe would stall the server's logging
         proc = subprocess.Popen([*argv, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
                                 env={**os.environ, **(env or {})})
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}{ready_path}", timeout=2).status_code == 200:
-                return Server(name, proc, port, log)
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"{name} not ready within 180 s:\n{log.read_text()[-3000:]}")
+    try:
+        wait_ready(f"http://127.0.0.1:{port}{ready_path}", proc)
+    except RuntimeError as e:
+        proc.kill()
+        raise RuntimeError(f"{name}: {e}:\n{log.read_text()[-3000:]}") from None
+    return Server(name, proc, port, log)
 
 
 # ------------------------------------------------------------------------------------------- the load generator
@@ -379,11 +369,6 @@ def snapshot(server: Server, threads: bool) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- reporting
-
-def spread(values: list[float]) -> dict[str, float]:
-    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-    return {"median": statistics.median(values), "min": min(values), "q1": q[0], "q3": q[2], "max": max(values)}
-
 
 def same_answers(running: dict[str, Server], jpeg: bytes) -> dict[str, bool]:
     """Every server answers the request image with the same top-5 (indices; scores within 1e-4): the same model."""

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from _stats import spread  # benchmarks/_stats.py (scripts run from this folder)
 
 from ganet.models import create_model
 from ganet.preprocess import Preprocessing
@@ -47,11 +48,6 @@ def ours(split: DataSplit, cfg: TrainConfig) -> float:
     with tempfile.TemporaryDirectory() as out:
         fit(cfg.replace({"output": out}), data=split, log=lambda *_: None)
         return json.loads((Path(out) / "metrics.jsonl").read_text().splitlines()[0])["images_per_s"]
-
-
-def summary(xs: list[float]) -> dict:
-    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
-    return {"median": statistics.median(xs), "min": min(xs), "q1": q[0], "q3": q[2], "max": max(xs)}
 
 
 def main() -> None:
@@ -89,14 +85,14 @@ def main() -> None:
     result = {
         "model": args.model, "batch_size": args.batch_size, "input_size": s, "steps": args.steps,
         "rounds": args.rounds, "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "images_per_s": {k: summary(v) for k, v in rows.items()},
-        "ratio_ganet_over_bare": summary(ratio), "ratio_ganet_augmented_over_bare": summary(ratio_aug),
+        "images_per_s": {k: spread(v) for k, v in rows.items()},
+        "ratio_ganet_over_bare": spread(ratio), "ratio_ganet_augmented_over_bare": spread(ratio_aug),
         "target": ">= 0.95",
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     for name, r in (("ganet / bare", ratio), ("ganet+augmentation / bare", ratio_aug)):
-        st = summary(r)
+        st = spread(r)
         print(f"{name}: median {st['median']:.3f} (min {st['min']:.3f}, q {st['q1']:.3f}-{st['q3']:.3f}, "
               f"max {st['max']:.3f})")
     print(f"wrote {args.output}")

@@ -14,42 +14,19 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ganet.serve.local import free_port, wait_ready
 from ganet.train.config import TrainConfig
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, body: bytes, content_type: str) -> dict:
     request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type}, method="POST")
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())
-
-
-def _wait_ready(base: str, server: subprocess.Popen, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"ganet-serve exited with status {server.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(f"{base}/v2/health/ready", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.25)
-    raise RuntimeError(f"ganet-serve was not ready after {timeout_s:.0f} s")
 
 
 def _png(image_uint8_hw3) -> bytes:
@@ -102,13 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         return status
 
     # 3. serve
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     print(f"\n== 3/4 ganet-serve {export_dir} --port {port}")
     server = subprocess.Popen([sys.executable, "-m", "ganet.serve.cli", str(export_dir), "--port", str(port),
                                "--log-level", "warning"])
     try:
-        _wait_ready(base, server)
+        wait_ready(f"{base}/v2/health/ready", server)
         print(f"ready: {base}/ (drop an image on the page), {base}/docs, {base}/metrics")
 
         # 4. classify

@@ -107,10 +107,13 @@ class DynamicBatcher:
         while (first := self._queue.get()) is not None:
             batch = self._gather(first)
             start = time.perf_counter()
-            late = [it for it in batch if it.deadline <= start or it.future.done()]
-            for it in late:
-                _resolve(it, None, DeadlineExceededError("deadline passed while queued"))
-            batch = [it for it in batch if it.deadline > start and not it.future.done()]
+            live = []
+            for it in batch:
+                if it.deadline > start and not it.future.done():
+                    live.append(it)
+                else:
+                    _resolve(it, None, DeadlineExceededError("deadline passed while queued"))
+            batch = live
             if not batch:
                 continue
             try:

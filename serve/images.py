@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import TYPE_CHECKING
-
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from ganet.preprocess import Preprocessing, image_to_uint8
 from ganet.serve.errors import ServeError
-
-if TYPE_CHECKING:
-    from PIL import Image
 
 __all__ = ["FORMATS", "decode_image", "open_image", "jpeg_draft_scale", "DRAFT_MARGIN", "DRAFT_MIN_PIXELS"]
 
@@ -32,6 +28,11 @@ _EXPECTED = "expected a JPEG, PNG, WebP, BMP, GIF or TIFF image"
 
 DRAFT_MARGIN = 2.0  # reduced shorter side >= 2x resize_size: the final resize still averages >= 2x2 pixels
 DRAFT_MIN_PIXELS = 1_000_000  # below 1 MP a full decode costs <= ~6 ms (bench_jpeg_draft.py): keep it exact
+
+# Pillow warns above its own pixel limit; ours (max_pixels, read from the header) decides instead. One filter for the
+# process rather than warnings.catch_warnings() per image: that swaps the global filter list, which races when
+# several decode threads enter and leave it.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def jpeg_draft_scale(size: tuple[int, int], prep: Preprocessing, margin: float = DRAFT_MARGIN,
@@ -54,33 +55,29 @@ def jpeg_draft_scale(size: tuple[int, int], prep: Preprocessing, margin: float =
 def open_image(data: bytes, prep: Preprocessing, max_pixels: int, *, jpeg_draft: bool = True) -> Image.Image:
     """The checked, decoded PIL image (at the DCT scale ``jpeg_draft_scale`` allows, unless ``jpeg_draft`` is
     False), before ``image_to_uint8``. Raises ServeError 400/413/415 naming the problem."""
-    from PIL import Image, UnidentifiedImageError
-
     if not data:
         raise ServeError(400, "empty_body", f"the image is empty (0 bytes); {_EXPECTED}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
-        try:
-            img = Image.open(io.BytesIO(data))  # reads the header only
-        except Image.DecompressionBombError as e:
-            raise ServeError(413, "image_too_large", f"image too large: {e}") from None
-        except UnidentifiedImageError:
-            raise ServeError(415, "unsupported_media_type",
-                             f"not a recognised image ({len(data)} bytes starting {data[:8]!r}); {_EXPECTED}") from None
-        except Exception as e:  # a header Pillow recognises but cannot parse
-            raise ServeError(400, "corrupt_image", f"corrupt image header ({type(e).__name__}: {e})") from None
-        if img.format not in FORMATS:
-            raise ServeError(415, "unsupported_media_type", f"{img.format} images are not served; {_EXPECTED}")
-        width, height = img.size
-        if width * height > max_pixels:
-            raise ServeError(413, "image_too_large", f"{img.format} image of {width}x{height} = {width * height} "
-                                                     f"pixels exceeds the limit of {max_pixels} pixels")
-        try:
-            if jpeg_draft and img.format in ("JPEG", "MPO") and (scale := jpeg_draft_scale(img.size, prep)) > 1:
-                img.draft(img.mode, (width // scale, height // scale))  # same mode; libjpeg decodes at 1/scale
-            img.load()  # GIF / TIFF: the first frame
-        except Exception as e:  # truncated or corrupt stream: bad input, never a 500
-            raise _corrupt(img.format, e) from None
+    try:
+        img = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as e:
+        raise ServeError(413, "image_too_large", f"image too large: {e}") from None
+    except UnidentifiedImageError:
+        raise ServeError(415, "unsupported_media_type",
+                         f"not a recognised image ({len(data)} bytes starting {data[:8]!r}); {_EXPECTED}") from None
+    except Exception as e:  # a header Pillow recognises but cannot parse
+        raise ServeError(400, "corrupt_image", f"corrupt image header ({type(e).__name__}: {e})") from None
+    if img.format not in FORMATS:
+        raise ServeError(415, "unsupported_media_type", f"{img.format} images are not served; {_EXPECTED}")
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ServeError(413, "image_too_large", f"{img.format} image of {width}x{height} = {width * height} "
+                                                 f"pixels exceeds the limit of {max_pixels} pixels")
+    try:
+        if jpeg_draft and img.format in ("JPEG", "MPO") and (scale := jpeg_draft_scale(img.size, prep)) > 1:
+            img.draft(img.mode, (width // scale, height // scale))  # same mode; libjpeg decodes at 1/scale
+        img.load()  # GIF / TIFF: the first frame
+    except Exception as e:  # truncated or corrupt stream: bad input, never a 500
+        raise _corrupt(img.format, e) from None
     return img
 
 
@@ -89,9 +86,7 @@ def decode_image(data: bytes, prep: Preprocessing, max_pixels: int, *, jpeg_draf
     the full decode). Raises ServeError 400/413/415 naming the problem."""
     img = open_image(data, prep, max_pixels, jpeg_draft=jpeg_draft)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # Pillow's bomb warning: our own limit was checked in open_image
-            return image_to_uint8(img, prep)
+        return image_to_uint8(img, prep)
     except Exception as e:  # an unsupported mode or a stream that fails late: bad input, never a 500
         raise _corrupt(img.format, e) from None
 

@@ -8,6 +8,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from ganet.serve.app import StateDep, require_api_key
 from ganet.serve.errors import ERROR_RESPONSES, ServeError
@@ -48,7 +49,14 @@ def top_k_predictions(logits: np.ndarray, labels: tuple[str, ...], k: int) -> li
 async def _read_images(request: Request, max_files: int) -> list[tuple[str | None, bytes]]:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        async with request.form(max_files=max_files) as form:
+        try:
+            form = await request.form(max_files=max_files)  # the parser itself stops at the limit
+        except HTTPException as e:  # Starlette's 400 for a malformed body or too many parts
+            if "too many files" in str(e.detail).lower():
+                raise ServeError(413, "too_many_files", f"more than {max_files} files in one request (the limit, "
+                                                        "--max-files)") from None
+            raise ServeError(400, "bad_request", f"malformed multipart body: {e.detail}") from None
+        try:
             parts = form.getlist("file")
             if not parts:
                 raise ServeError(400, "bad_request", "multipart body has no `file` part; send the image as the "
@@ -59,6 +67,8 @@ async def _read_images(request: Request, max_files: int) -> list[tuple[str | Non
                     raise ServeError(400, "bad_request", "the `file` field must be a file upload, not a text field")
                 out.append((part.filename, await part.read()))
             return out
+        finally:
+            await form.close()
     if content_type.startswith("image/") or content_type == "application/octet-stream":
         return [(None, await request.body())]
     raise ServeError(415, "unsupported_media_type",
@@ -80,8 +90,6 @@ async def classify(request: Request, state: StateDep,
         raise ServeError(422, "validation_error", f"top_k must be between 1 and {state.spec.num_classes} (the "
                                                   f"model's classes), got {top_k}")
     files = await _read_images(request, state.settings.max_files)
-    if len(files) > state.settings.max_files:
-        raise ServeError(413, "too_many_files", f"{len(files)} files exceed the limit of {state.settings.max_files}")
 
     async def decode(i: int, name: str | None, data: bytes):
         try:

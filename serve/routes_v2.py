@@ -205,20 +205,20 @@ async def _infer(state: ServeState, request: Request, name: str, version: str | 
             raise ServeError(400, "invalid_tensor", f"binary_data_size {size!r} does not fit the {len(binary)} "
                                                     "binary bytes after the JSON header")
         raw = binary[:size]
-    if tensor.datatype in ("UINT8", "FP32"):
-        batch = _pixels(tensor, raw, state.spec.input_shape)
-        images = list(batch)
-    elif tensor.datatype == "BYTES":
-        decoded = await asyncio.gather(*(state.decode(data) for data in _encoded(tensor, raw)))
-        images = [image for image, _ in decoded]
-    else:
+    if tensor.datatype not in ("UINT8", "FP32", "BYTES"):
         raise ServeError(400, "invalid_tensor", f"input {INPUT_NAME!r}: datatype {tensor.datatype!r} is not "
                                                 "accepted; expected UINT8, FP32 or BYTES")
-    if len(images) > state.settings.max_files:
-        raise ServeError(413, "too_many_files", f"{len(images)} images exceed the limit of {state.settings.max_files}")
+    if tensor.shape and tensor.shape[0] > state.settings.max_files:  # before any pixel is parsed or decoded
+        raise ServeError(413, "too_many_files", f"{tensor.shape[0]} images exceed the limit of "
+                                                f"{state.settings.max_files}")
     for out in req.outputs or []:
         if out.name != OUTPUT_NAME:
             raise ServeError(400, "invalid_tensor", f"unknown output {out.name!r}; the model has {OUTPUT_NAME!r}")
+    if tensor.datatype == "BYTES":
+        decoded = await asyncio.gather(*(state.decode(data) for data in _encoded(tensor, raw)))
+        images = [image for image, _ in decoded]
+    else:
+        images = list(_pixels(tensor, raw, state.spec.input_shape))
     results = await state.infer(images)
     logits = np.stack([r.logits for r in results]).astype("<f4")  # (B, C)
     if req.outputs:

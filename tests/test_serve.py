@@ -6,6 +6,7 @@ The export is real: an untrained ga_shufflenet_v2_cifar checkpoint (10 CIFAR lab
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import shutil
@@ -298,6 +299,23 @@ def test_bad_multipart(client):
     good = encode(photos()["coffee"], "PNG")
     r = client.post("/classify", files=[("file", ("a.png", good, "image/png")), ("file", ("b.txt", b"text", "x/y"))])
     assert_error(r, 415, "unsupported_media_type", "file 2 (b.txt)")
+
+
+def test_too_many_files_and_malformed_multipart(export_dir):
+    """--max-files, in /classify by the multipart parser itself and in v2 from the tensor's shape: a 413 naming the
+    limit before any image is decoded; a body that does not parse as multipart is a 400 in our error shape."""
+    good = encode(photos()["coffee"], "PNG")
+    with make_client(export_dir, max_files=2) as c:
+        assert c.post("/classify", files=[("file", (f"{i}.png", good, "image/png")) for i in range(2)]).status_code == 200
+        r = c.post("/classify", files=[("file", (f"{i}.png", good, "image/png")) for i in range(3)])
+        assert_error(r, 413, "too_many_files", "more than 2 files")
+        r = c.post("/classify", content=b"--b\r\nno headers end", headers={"Content-Type": "multipart/form-data"})
+        assert_error(r, 400, "bad_request", "multipart")
+        # v2: the count is refused before any image is decoded (these three are not images: a decode would be 415)
+        junk = base64.b64encode(b"not an image").decode()
+        r = c.post("/v2/models/ga_shufflenet_v2_cifar/infer", json={"inputs": [
+            {"name": "image", "shape": [3], "datatype": "BYTES", "data": [junk] * 3}]})
+        assert_error(r, 413, "too_many_files", "3 images exceed the limit of 2")
 
 
 def test_body_too_large(client):

@@ -20,15 +20,10 @@ import pytest
 
 from ganet.preprocess import image_to_uint8
 from ganet.serve.backends import load_backend
+from ganet.serve.local import free_port, wait_ready
 from test_serve import CIFAR10, encode, export_dir, photos, scores_by_index  # noqa: F401  (export_dir: fixture)
 
 MODEL = "ga_shufflenet_v2_cifar"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(export: Path, *args: str, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
@@ -37,18 +32,12 @@ def start_server(export: Path, *args: str, env: dict[str, str] | None = None) ->
                             env={**os.environ, "GANET_INTRA_OP_THREADS": "1", **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"ganet-serve exited {proc.returncode}:\n{proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise AssertionError(f"ganet-serve not ready within 60 s:\n{proc.stdout.read()}")
+    try:
+        wait_ready(f"{url}/v2/health/ready", proc, timeout_s=60, interval_s=0.1)
+    except RuntimeError as e:
+        proc.kill()
+        raise AssertionError(f"{e}:\n{proc.stdout.read()}") from None
+    return proc, url
 
 
 def stop(proc: subprocess.Popen) -> str:
