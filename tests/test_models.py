@@ -132,3 +132,26 @@ def test_builder_without_num_classes_is_refused():
         def no_classes_model(width: int = 3):
             raise AssertionError
     assert "no_classes_model" not in ganet.list_models()
+
+
+@pytest.mark.parametrize("name", ["ga_shufflenet_v2_cifar", "shufflenet_v2"])
+def test_channels_last_runs_channels_last_through_every_unit(name):
+    """A channels_last input stays channels_last in every unit (split and downsampling alike), with the same output
+    as NCHW: a unit that fell back to NCHW would make every following convolution convert its input."""
+    from ganet.models.shufflenet_v2 import InvertedResidual
+
+    torch.manual_seed(0)
+    model = ganet.create_model(name, num_classes=10).eval()
+    size = 32 if name.endswith("_cifar") else 64
+    x = torch.randn(2, 3, size, size)
+    layouts = []
+    hooks = [m.register_forward_hook(lambda m, i, o: layouts.append(o.is_contiguous(memory_format=torch.channels_last)))
+             for m in model.modules() if isinstance(m, InvertedResidual)]
+    with torch.no_grad():
+        expected = model(x)
+        layouts.clear()
+        got = model(x.contiguous(memory_format=torch.channels_last))
+    for h in hooks:
+        h.remove()
+    assert layouts and all(layouts), layouts
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)

@@ -80,8 +80,9 @@ class InvertedResidual(nn.Module):
 
 def _concat_shuffle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``channel_shuffle(cat((a, b), 1), 2)`` as one copy instead of two (also in ONNX: one Concat, no Transpose):
-    channel 2i is a[i], 2i + 1 is b[i]. Keeps channels_last inputs channels_last."""
-    if a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous():
+    channel 2i is a[i], 2i + 1 is b[i]. Keeps channels_last channels_last: ``b`` (a branch's fresh output) says
+    which layout the network runs in; ``a`` may be a chunk of the input, a view contiguous in neither."""
+    if b.is_contiguous(memory_format=torch.channels_last) and not b.is_contiguous():
         nhwc = torch.stack((a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1)), dim=-1)  # (B, H, W, C, 2)
         return nhwc.flatten(3).permute(0, 3, 1, 2)
     return torch.stack((a, b), dim=2).flatten(1, 2)  # (B, C, 2, H, W) -> (B, 2C, H, W)
