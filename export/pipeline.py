@@ -25,7 +25,7 @@ from ganet.export.trt_ops import check_tensorrt_compatibility
 from ganet.export.onnx_export import BATCH_AXIS, DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
 
 __all__ = ["ExportOptions", "ExportError", "ExportUsageError", "export_checkpoint", "parity_batch_sizes",
-           "int8_evaluation_data", "heldout_top1"]
+           "int8_evaluation_data", "heldout_images", "heldout_top1"]
 
 Log = Callable[[str], None]
 
@@ -86,13 +86,20 @@ def _check_request(opts: ExportOptions) -> None:
         _require_tensorrt()
 
 
+def heldout_images(prep: Any, dataset: str | None) -> Any:
+    """The data set's labelled held-out split (ParityInputs with targets) where this machine has it, else None."""
+    from ganet.export.parity import digits_images
+
+    return digits_images(prep, "val") if dataset == "digits" else None
+
+
 def int8_evaluation_data(prep: Any, dataset: str | None, calibration_images: int) -> tuple[np.ndarray, Any, str]:
     """(calibration uint8 images, held-out ParityInputs with targets or None, description of the calibration set)."""
     from ganet.export.parity import digits_images, photographs
 
     if dataset == "digits":
         calib = digits_images(prep, "train", limit=calibration_images)
-        return calib.images, digits_images(prep, "val"), f"digits training split, first {len(calib)} images"
+        return calib.images, heldout_images(prep, dataset), f"digits training split, first {len(calib)} images"
     photos = photographs(prep)  # documented fallback: no training images this machine can load
     return photos.images, None, f"{len(photos)} bundled photographs (the checkpoint's data set is not available here)"
 
@@ -177,7 +184,7 @@ def _build(checkpoint: Path, model: Any, info: Any, opts: ExportOptions, tmp: Pa
     t = _step(log, f"exporting {info.model} to ONNX (opset {opts.opset}, dynamo exporter)")
     onnx_path = tmp / "model.onnx"
     export = export_onnx(model, prep, onnx_path, opset=opts.opset, max_batch=opts.max_batch)
-    check_onnx(onnx_path, info.num_classes, prep.input_size)
+    proto = check_onnx(onnx_path, info.num_classes, prep.input_size)
     log(f"  done in {time.perf_counter() - t:.1f}s; onnx.checker(full_check) passed, no batch size in any Reshape")
 
     t = _step(log, "computing PyTorch fp32 reference logits on real images")
@@ -205,18 +212,16 @@ def _build(checkpoint: Path, model: Any, info: Any, opts: ExportOptions, tmp: Pa
         slim_path = tmp / "model.simplified.onnx"
         tool = simplify_onnx(onnx_path, slim_path)
         os.replace(slim_path, onnx_path)
-        check_onnx(onnx_path, info.num_classes, prep.input_size)
+        proto = check_onnx(onnx_path, info.num_classes, prep.input_size)
         parity["onnx_before_simplify"] = parity["onnx"]
         parity["onnx"] = onnx_parity(onnx_path, f"ONNX Runtime fp32 after {tool}").to_dict()
         onnx_meta["simplified"] = tool
 
-    proto = onnx.load(str(onnx_path))
     problems = check_tensorrt_compatibility(proto)
     if problems:
         raise ExportError(f"{len(problems)} node(s) TensorRT's ONNX parser would reject: "
                           + "; ".join(str(p) for p in problems))
-    else:
-        log(f"  TensorRT op-compatibility: all {len(proto.graph.node)} nodes supported")
+    log(f"  TensorRT op-compatibility: all {len(proto.graph.node)} nodes supported")
     onnx_meta["tensorrt_op_check"] = "passed"
 
     artifacts: list[dict[str, Any]] = [{"kind": "onnx", "file": "model.onnx", "precision": "fp32"}]
@@ -228,9 +233,7 @@ def _build(checkpoint: Path, model: Any, info: Any, opts: ExportOptions, tmp: Pa
     if opts.trt:
         engine_info = _tensorrt(onnx_path, tmp / "model.plan", opts, inputs, reference, batches, parity, log)
         # The engine's compatibility info sits in the entry itself: Artifact.info is what TensorRTRunner takes.
-        artifacts.append({"kind": "tensorrt", "file": "model.plan",
-                          "precision": engine_info.get("precision", "fp16" if opts.fp16 else "fp32")} | {
-                             k: v for k, v in engine_info.items() if k not in ("kind", "file")})
+        artifacts.append({"kind": "tensorrt", "file": "model.plan", **engine_info})  # build_engine sets precision
 
     speed = None
     if opts.benchmark_rounds > 0:
@@ -335,7 +338,7 @@ def _tensorrt(onnx_path: Path, plan_path: Path, opts: ExportOptions, inputs: Any
     if not result.passed:
         raise ExportError(P.failure_message(f"TensorRT {precision}", result))
     parity["tensorrt"] = result.to_dict()
-    return dict(engine_info)
+    return engine_info
 
 
 def _measure_speed(model: Any, prep: Any, onnx_path: Path, int8_path: Path | None, inputs: Any, opts: ExportOptions,
@@ -352,12 +355,16 @@ def _measure_speed(model: Any, prep: Any, onnx_path: Path, int8_path: Path | Non
     runners = {"pytorch_eager_fp32": torch_eager, "onnxruntime_fp32": P.ort_runner(onnx_path, spinning=False)}
     if int8_path is not None:
         runners["onnxruntime_int8"] = P.ort_runner(int8_path, spinning=False)
-    torch.set_num_threads(os.cpu_count() or 1)
-    results = {}
-    for b in sorted({1, opts.max_batch}):
-        batch = np.resize(inputs.images, (b,) + inputs.images.shape[1:])  # real images, repeated to fill the batch
-        results[str(b)] = interleaved_latency(runners, batch, opts.benchmark_rounds, baseline="pytorch_eager_fp32")
-        log(f"  batch {b}: " + ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in results[str(b)].items()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # as many as ORT's default; restored below: callers' setting
+    try:
+        results = {}
+        for b in sorted({1, opts.max_batch}):
+            batch = np.resize(inputs.images, (b,) + inputs.images.shape[1:])  # real images, repeated to fill it
+            results[str(b)] = interleaved_latency(runners, batch, opts.benchmark_rounds, baseline="pytorch_eager_fp32")
+            log(f"  batch {b}: " + ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in results[str(b)].items()))
+    finally:
+        torch.set_num_threads(threads)
     return {"device": f"CPU ({_cpu_name()}, {os.cpu_count()} threads)", "rounds": opts.benchmark_rounds,
             "by_batch": results,
             "note": "medians of interleaved rounds on the exporting host; speedup = PyTorch eager / runner"}
@@ -374,4 +381,4 @@ def _triton(tmp: Path, info: Any, prep: Any, opts: ExportOptions, with_plan: boo
         input_name=INPUT_NAME, input_dtype="uint8", input_dims=[3, prep.input_size, prep.input_size],
         output_name=OUTPUT_NAME, num_classes=info.num_classes, labels=list(info.labels), max_batch=opts.max_batch)
     return {"repository": "triton", "model_name": info.model, "platform": platform_name,
-            "model_dir": Path(model_dir).relative_to(tmp).as_posix() if Path(model_dir).is_relative_to(tmp) else None}
+            "model_dir": Path(model_dir).relative_to(tmp).as_posix()}

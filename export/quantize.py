@@ -74,7 +74,7 @@ def quantize_int8(fp32_path: str | os.PathLike, int8_path: str | os.PathLike, ca
                         calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded)
     finally:
         prepared.unlink(missing_ok=True)
-        for leftover in int8_path.parent.glob("*.prep*"):
+        for leftover in int8_path.parent.glob(f"{int8_path.name}.prep*"):  # ours only: the folder is the caller's
             leftover.unlink(missing_ok=True)
     return settings
 

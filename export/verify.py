@@ -30,19 +30,26 @@ def _close(recorded: float, now: float) -> bool:
     return math.isclose(recorded, now, rel_tol=_RTOL, abs_tol=_ATOL)
 
 
-def _check_files(m: Manifest, result: VerifyResult) -> None:
+def _check_files(m: Manifest, result: VerifyResult) -> set[str]:
+    """Hashes and sizes against the manifest; returns the listed files that are missing or differ."""
+    changed = set()
     for rel, entry in m.files.items():
         path = m.directory / rel
         if not path.is_file():
-            result.differences.append(f"{rel}: missing (manifest lists {entry.bytes} bytes)")
+            problem = f"missing (manifest lists {entry.bytes} bytes)"
         elif path.stat().st_size != entry.bytes:
-            result.differences.append(f"{rel}: size {path.stat().st_size} bytes, manifest says {entry.bytes}")
+            problem = f"size {path.stat().st_size} bytes, manifest says {entry.bytes}"
         elif (digest := sha256_file(path)) != entry.sha256:
-            result.differences.append(f"{rel}: sha256 {digest}, manifest says {entry.sha256}")
+            problem = f"sha256 {digest}, manifest says {entry.sha256}"
+        else:
+            continue
+        changed.add(rel)
+        result.differences.append(f"{rel}: {problem}")
     for path in sorted(p for p in m.directory.rglob("*") if p.is_file()):
         rel = path.relative_to(m.directory).as_posix()
         if rel != MANIFEST_FILE and rel not in m.files:
             result.differences.append(f"{rel}: not listed in the manifest")
+    return changed
 
 
 def _check_contract(m: Manifest, result: VerifyResult, changed: set[str]) -> None:
@@ -84,7 +91,7 @@ def _compare_numbers(where: str, recorded: dict[str, Any], now: dict[str, Any], 
 def _rerun_parity(m: Manifest, result: VerifyResult, changed: set[str], log: Callable[[str], None]) -> None:
     from ganet.checkpoint import CheckpointError, load_checkpoint
     from ganet.export import parity as P
-    from ganet.export.pipeline import heldout_top1, int8_evaluation_data
+    from ganet.export.pipeline import heldout_images, heldout_top1, parity_batch_sizes
 
     ckpt = Path(m.checkpoint.get("path", ""))
     if not ckpt.is_file():
@@ -106,7 +113,7 @@ def _rerun_parity(m: Manifest, result: VerifyResult, changed: set[str], log: Cal
     inputs = P.parity_inputs(prep, dataset)
     reference = P.torch_reference(model, prep, inputs.images)
     recorded = m.parity.get("onnx", {})
-    batches = [int(b) for b in recorded.get("by_batch", {})] or [1, m.max_batch]
+    batches = [int(b) for b in recorded.get("by_batch", {})] or parity_batch_sizes(m.max_batch)
     onnx_file = m.path(m.artifact("onnx"))
     now = P.run_parity(P.ort_runner(onnx_file), inputs, reference, batches, P.TOLERANCES["onnx"])
     if not now.passed:
@@ -122,7 +129,7 @@ def _rerun_parity(m: Manifest, result: VerifyResult, changed: set[str], log: Cal
     if int8 is not None and int8.file in changed:
         result.notes.append(f"INT8 accuracy not re-run: {int8.file} differs from the manifest")
     elif int8 is not None and held:
-        _, held_out, _ = int8_evaluation_data(prep, dataset, 1)
+        held_out = heldout_images(prep, dataset)
         if held_out is not None:
             acc32, acc8 = heldout_top1(onnx_file, held_out), heldout_top1(m.path(int8), held_out)
             _compare_numbers("parity.onnx_int8.heldout", held,
@@ -137,8 +144,7 @@ def verify_export(directory: str | Path, log: Callable[[str], None] = print) -> 
     """Check an export directory against its manifest. Raises ManifestError if there is no usable manifest."""
     m = load_manifest(directory)
     result = VerifyResult()
-    _check_files(m, result)
-    changed = {d.split(":", 1)[0] for d in result.differences}  # files that are missing or differ
+    changed = _check_files(m, result)
     _check_contract(m, result, changed)
     onnx_file = m.artifact("onnx").file
     if onnx_file in changed:

@@ -15,10 +15,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from ganet.layers.group_attention import graph_mode
 from ganet.export.fp16 import fp32_island_nodes, ga_scope, island_summary, to_mixed_fp16
-from ganet.export.tensorrt import (EngineMismatchError, TensorRTUnavailableError, _pin_fp32, build_engine,
-                                   check_engine_compatible, engine_mismatches, tensorrt_available)
+from ganet.export.tensorrt import (EngineMismatchError, TensorRTRunner, TensorRTUnavailableError, _pin_fp32,
+                                   build_engine, check_engine_compatible, engine_mismatches, tensorrt_available)
 from ganet.export.triton import render_config_pbtxt, write_triton_repository
 from ganet.export.trt_ops import TrtOpProblem, check_tensorrt_compatibility
 
@@ -27,18 +26,16 @@ NUM_CLASSES, SIZE = 10, 32
 
 # --- a real GA model on real images, exported both ways ------------------------------------------------------------
 
-def _real_images(size: int) -> np.ndarray:
-    """Six photographs that ship with scikit-learn / scikit-image, as the network's uint8 input (N, 3, S, S)."""
+SIX_PHOTOS = 6  # china, flower, astronaut, chelsea, coffee, rocket: the first six of parity.photographs
+
+
+def _photo_arrays() -> list[np.ndarray]:
+    """The same six photographs as (H, W, 3) arrays, to crop from."""
     import skimage.data
-    from PIL import Image
     from sklearn.datasets import load_sample_image
 
-    from ganet.preprocess import Preprocessing, image_to_uint8
-
-    prep = Preprocessing.for_input_size(size)
-    photos = [load_sample_image("china.jpg"), load_sample_image("flower.jpg"), skimage.data.astronaut(),
-              skimage.data.chelsea(), skimage.data.coffee(), skimage.data.rocket()]
-    return np.stack([image_to_uint8(Image.fromarray(p), prep) for p in photos])
+    return [load_sample_image("china.jpg"), load_sample_image("flower.jpg"), skimage.data.astronaut(),
+            skimage.data.chelsea(), skimage.data.coffee(), skimage.data.rocket()]
 
 
 def _crops(images_hw3: list[np.ndarray], n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -64,11 +61,11 @@ def ga_setup():
     vacuous. So: GA parameters moved off their identity init (alpha != 0 turns on the pooling/softmax path),
     BatchNorm statistics recalibrated on crops of real photos, and the classifier scaled to logits of a few units.
     """
-    import skimage.data
     import torch
-    from sklearn.datasets import load_sample_image
     from torch import nn
 
+    from ganet.export.onnx_export import ImageModel
+    from ganet.export.parity import photographs
     from ganet.layers.group_attention import GroupAttention
     from ganet.models import create_model
     from ganet.preprocess import Preprocessing
@@ -76,21 +73,8 @@ def ga_setup():
     torch.manual_seed(0)
     model = create_model("ga_shufflenet_v2_cifar", num_classes=NUM_CLASSES)
     prep = Preprocessing.for_input_size(SIZE)
-
-    class UInt8Input(nn.Module):  # the export contract: uint8 (B, 3, S, S) in, (x/255 - mean)/std in the graph
-        def __init__(self, net: nn.Module) -> None:
-            super().__init__()
-            self.net = net
-            std, mean = torch.tensor(prep.std).view(1, 3, 1, 1), torch.tensor(prep.mean).view(1, 3, 1, 1)
-            self.register_buffer("scale", 1.0 / (255.0 * std))
-            self.register_buffer("shift", -mean / std)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net(x.float() * self.scale + self.shift)
-
-    wrapped = UInt8Input(model)
-    photos = [load_sample_image("china.jpg"), load_sample_image("flower.jpg"), skimage.data.astronaut(),
-              skimage.data.chelsea(), skimage.data.coffee(), skimage.data.rocket()]
+    wrapped = ImageModel(model, prep)  # the export contract: uint8 (B, 3, S, S) in, normalised in the graph
+    photos = _photo_arrays()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, GroupAttention):
@@ -106,7 +90,8 @@ def ga_setup():
         wrapped(torch.from_numpy(_crops(photos, 96, SIZE, seed=1)))
         wrapped.eval()
         model.fc.weight.mul_(10.0)
-    images = np.concatenate([_real_images(SIZE), _crops(photos, 58, SIZE, seed=2)])  # (64, 3, 32, 32) uint8
+    real = photographs(prep).images[:SIX_PHOTOS]
+    images = np.concatenate([real, _crops(photos, 58, SIZE, seed=2)])  # (64, 3, 32, 32) uint8
     with torch.no_grad():
         reference = wrapped(torch.from_numpy(images)).numpy()
     return wrapped, model, images, reference
@@ -114,15 +99,13 @@ def ga_setup():
 
 @pytest.fixture(scope="module")
 def uint8_onnx(ga_setup, tmp_path_factory) -> Path:
-    """The real contract: uint8 input, Cast + Mul + Add normalisation, dynamo exporter, opset 18."""
-    import torch
+    """What ganet-export writes: ``export_onnx`` (uint8 in, normalisation in the graph, dynamo, opset 18)."""
+    from ganet.export.onnx_export import export_onnx
+    from ganet.preprocess import Preprocessing
 
-    wrapped, _, images, _ = ga_setup
+    _, model, _, _ = ga_setup
     path = tmp_path_factory.mktemp("export") / "model.onnx"
-    with graph_mode(wrapped):  # the GA blocks' export-shaped forward, as ganet-export traces them
-        torch.onnx.export(wrapped, (torch.from_numpy(images[:2]),), str(path), dynamo=True, opset_version=18,
-                          input_names=["image"], output_names=["logits"],
-                          dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=64)}})
+    export_onnx(model, Preprocessing.for_input_size(SIZE), path, max_batch=64)
     return path
 
 
@@ -422,7 +405,6 @@ def test_without_tensorrt_build_and_run_raise_with_install_hint(tmp_path):
         pytest.skip("TensorRT is installed here: the GPU tests below cover it")
     except ImportError:
         pass
-    from ganet.export.tensorrt import TensorRTRunner
 
     assert tensorrt_available() is False
     with pytest.raises(TensorRTUnavailableError, match="pip install tensorrt"):
@@ -706,7 +688,6 @@ def _classifier_onnx(path: Path) -> Path:
 def test_build_and_run_plumbing_with_stand_in_tensorrt(stand_in, tmp_path, version, fp16):
     import json
 
-    from ganet.export.tensorrt import TensorRTRunner
 
     trt, cudart = stand_in(version)
     onnx_path = _classifier_onnx(tmp_path / "model.onnx")
@@ -865,20 +846,20 @@ def test_write_triton_repository_rejects_bad_arguments(tmp_path, change, message
 
 # --- gpu: TensorRT itself (skipped where tensorrt or a CUDA GPU is missing) ----------------------------------------
 
-def _require_tensorrt():
+@pytest.fixture(scope="module")
+def trt_expected(uint8_onnx, ga_setup) -> tuple[np.ndarray, np.ndarray]:
+    """GPU tests: skip without TensorRT and a CUDA GPU; else the images and ONNX Runtime's fp32 logits to match."""
     pytest.importorskip("tensorrt")
     if not tensorrt_available():
         pytest.skip("TensorRT imports but no CUDA GPU (or cuda-python) is available")
+    images = ga_setup[2]
+    return images, _ort(onnx.load(str(uint8_onnx)), images)
 
 
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_tensorrt_fp32_engine_matches_onnxruntime(uint8_onnx, ga_setup, tmp_path):
-    _require_tensorrt()
-    from ganet.export.tensorrt import TensorRTRunner
-
-    _, _, images, _ = ga_setup
-    expected = _ort(onnx.load(str(uint8_onnx)), images)
+def test_tensorrt_fp32_engine_matches_onnxruntime(trt_expected, uint8_onnx, tmp_path):
+    images, expected = trt_expected
     cache = tmp_path / "timing.cache"
     info = build_engine(uint8_onnx, tmp_path / "model.plan", max_batch=64, opt_batch=16, fp16=False,
                         timing_cache=cache)
@@ -901,12 +882,8 @@ def test_tensorrt_fp32_engine_matches_onnxruntime(uint8_onnx, ga_setup, tmp_path
 
 @pytest.mark.gpu
 @pytest.mark.slow
-def test_tensorrt_fp16_engine_keeps_top1(uint8_onnx, ga_setup, tmp_path):
-    _require_tensorrt()
-    from ganet.export.tensorrt import TensorRTRunner
-
-    _, _, images, _ = ga_setup
-    expected = _ort(onnx.load(str(uint8_onnx)), images)
+def test_tensorrt_fp16_engine_keeps_top1(trt_expected, uint8_onnx, tmp_path):
+    images, expected = trt_expected
     info = build_engine(uint8_onnx, tmp_path / "model.plan", max_batch=64, opt_batch=16, fp16=True)
     assert info["precision"] == "fp16" and info["fp16_mode"]
     assert info["fp32_island_nodes"] == GA_BLOCKS * sum(EXPECTED_ISLAND.values())
