@@ -22,6 +22,8 @@ from pathlib import Path
 from ganet.serve.local import free_port, wait_ready
 from ganet.train.config import TrainConfig
 
+MIN_DIGITS_RIGHT = 7  # of the 8 held-out digits POSTed: below this the demo fails (the model scores ~99%)
+
 
 def _post(url: str, body: bytes, content_type: str) -> dict:
     request = urllib.request.Request(url, data=body, headers={"Content-Type": content_type}, method="POST")
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(model.onnx, manifest.json, report.md).")
     print(f"Next: `ganet-serve {export_dir}` and open http://127.0.0.1:8000/, `ganet-export --verify {export_dir}`, "
           "`ganet-profile` for Table 1, `pytest` for the tests.")
-    return 0 if correct >= 6 else 1
+    return 0 if correct >= MIN_DIGITS_RIGHT else 1
 
 
 if __name__ == "__main__":

@@ -8,12 +8,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # Pillow and NumPy are imported where they are used, so the core stays light.
+if TYPE_CHECKING:  # Pillow, NumPy and torch are imported where they are used, so the core stays light.
     import numpy as np
+    import torch
     from PIL import Image
 
 __all__ = ["Preprocessing", "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR_MEAN", "CIFAR_STD", "CIFAR10_MEAN",
-           "CIFAR10_STD", "to_rgb", "resize_and_crop", "image_to_uint8", "normalize_uint8"]
+           "CIFAR10_STD", "to_rgb", "resize_and_crop", "image_to_uint8", "normalize", "normalize_uint8"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -142,9 +143,13 @@ def image_to_uint8(img: Image.Image, prep: Preprocessing) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))  # (H, W, 3) -> (3, H, W)
 
 
-def normalize_uint8(images, prep: Preprocessing):
-    """``(x / 255 - mean) / std`` per channel: a uint8 torch tensor (..., 3, H, W) from ``image_to_uint8`` ->
-    float32 on its device. The PyTorch side of the normalisation exported graphs carry (no torch import here:
-    only the tensor's own methods)."""
-    x = images.float().div(255)
-    return (x - x.new_tensor(prep.mean).view(3, 1, 1)) / x.new_tensor(prep.std).view(3, 1, 1)
+def normalize(x01: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
+    """``(x - mean) / std`` per channel for a float tensor (..., 3, H, W) of values in [0, 1], on its device.
+    (No torch import here: only the tensor's own methods.)"""
+    return (x01 - x01.new_tensor(prep.mean).view(3, 1, 1)) / x01.new_tensor(prep.std).view(3, 1, 1)
+
+
+def normalize_uint8(images: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
+    """``(x / 255 - mean) / std``: a uint8 tensor (..., 3, H, W) from ``image_to_uint8`` -> float32 on its device.
+    The PyTorch side of the normalisation exported graphs carry."""
+    return normalize(images.float().div(255), prep)

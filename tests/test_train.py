@@ -101,3 +101,14 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
 
 # The default run's >= 95% held-out top-1 is checked by tests/test_preprocess_and_cli.py's ganet-demo test.
+
+
+def test_resume_restores_a_metrics_line_lost_or_torn_by_a_kill(tmp_path):
+    """A kill after the state is saved but before (or while) its metrics line is appended: --resume writes the
+    line back from the state, and drops the torn fragment."""
+    assert main(FAST + ["--output", str(tmp_path)]) == 0
+    metrics = tmp_path / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:17])  # the last line cut mid-write
+    assert main(["--resume", str(tmp_path)]) == 0
+    assert metrics.read_text().splitlines() == lines

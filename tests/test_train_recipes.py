@@ -66,6 +66,11 @@ def test_config_file_errors_name_the_file(tmp_path, capsys):
     assert "epochs must be a int" in capsys.readouterr().err
     assert main(["--config", str(tmp_path / "missing.toml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    for name, text in (("broken.toml", "epochs = \n"), ("broken.json", "{\"epochs\": }"), ("broken.yaml", "a: [1\n")):
+        broken = tmp_path / name
+        broken.write_text(text)
+        assert main(["--config", str(broken)]) == 2
+        assert f"config file {broken} could not be parsed" in capsys.readouterr().err, name
     assert main(["--preset", "cifar100", "--data-dir", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "nowhere") in err and "--download" in err

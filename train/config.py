@@ -123,22 +123,20 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"config file {path} does not exist")
     text = path.read_text()
     suffix = path.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".toml", ".json"):
+        raise ValueError(f"config file {path}: expected a .yaml, .yml, .toml or .json file")
     try:
-        if suffix in (".yaml", ".yml"):
-            import yaml
-
-            d = yaml.safe_load(text) or {}
-        elif suffix == ".toml":
+        if suffix == ".toml":
             import tomllib
 
             d = tomllib.loads(text)
         elif suffix == ".json":
             d = json.loads(text)
         else:
-            raise ValueError(f"config file {path}: expected a .yaml, .yml, .toml or .json file")
-    except ValueError:
-        raise
-    except Exception as e:  # yaml.YAMLError, tomllib.TOMLDecodeError
+            import yaml
+
+            d = yaml.safe_load(text) or {}
+    except Exception as e:  # yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError: name the file
         raise ValueError(f"config file {path} could not be parsed: {e}") from None
     if not isinstance(d, dict):
         raise ValueError(f"config file {path}: expected a mapping of keys to values, got {type(d).__name__}")

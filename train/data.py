@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ganet.preprocess import Preprocessing
+from ganet.preprocess import Preprocessing, normalize
 
 __all__ = ["ImageTensors", "DataSplit", "load_digits", "DIGITS_HOLDOUT", "preprocess_batch", "draw_augmentation",
            "augment"]
@@ -72,10 +72,7 @@ def preprocess_batch(images: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
         x = F.interpolate(x, size=size, mode=mode, antialias=mode != "nearest" and scale < 1,
                           **({} if mode == "nearest" else {"align_corners": False}))
     top, left = (size[0] - prep.input_size) // 2, (size[1] - prep.input_size) // 2
-    x = x[..., top:top + prep.input_size, left:left + prep.input_size]
-    mean = torch.tensor(prep.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(prep.std, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return normalize(x[..., top:top + prep.input_size, left:left + prep.input_size], prep)
 
 
 def draw_augmentation(n: int, max_shift: int, hflip: bool,

@@ -256,7 +256,7 @@ def load_matching_weights(model: nn.Module, path: str | Path, log: Callable[[str
 
 
 def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                epoch: int, best_top1: float) -> None:
+                epoch: int, best_top1: float, metrics_line: str) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     names = {id(p): n for n, p in model.named_parameters()}
     for group in optimizer.param_groups:
@@ -264,12 +264,15 @@ def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
             buf = optimizer.state.get(p, {}).get("momentum_buffer")
             if buf is not None:
                 tensors[f"momentum.{names[id(p)]}"] = buf.detach().cpu().contiguous()
-    meta = {"epochs_done": str(epoch + 1), "best_top1": repr(best_top1), "scaler": json.dumps(scaler.state_dict())}
+    # The epoch's metrics.jsonl line rides along: a kill between this save and its append cannot lose it.
+    meta = {"epochs_done": str(epoch + 1), "best_top1": repr(best_top1), "scaler": json.dumps(scaler.state_dict()),
+            "metrics": metrics_line}
     atomic_write_bytes(path, save(tensors, metadata=meta))
 
 
 def _load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                scaler: torch.amp.GradScaler) -> tuple[int, float]:
+                scaler: torch.amp.GradScaler) -> tuple[int, float, str | None]:
+    """Restore model, momentum and scaler; (epochs done, best top-1, the last epoch's metrics line)."""
     if not path.is_file():
         raise ValueError(f"cannot resume: {path} does not exist (the run stopped before its first epoch ended)")
     with safe_open(str(path), "pt") as f:
@@ -283,7 +286,15 @@ def _load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
             optimizer.state[params[k[9:]]]["momentum_buffer"] = v
     if meta.get("scaler"):
         scaler.load_state_dict(json.loads(meta["scaler"]))
-    return int(meta["epochs_done"]), float(meta["best_top1"])
+    return int(meta["epochs_done"]), float(meta["best_top1"]), meta.get("metrics")
+
+
+def _metrics_epoch(line: str) -> float:
+    """The epoch of a metrics.jsonl line; infinity for a line torn by a kill (so resume drops it)."""
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class _Progress:
@@ -295,6 +306,10 @@ class _Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=desc, unit="step", leave=False, dynamic_ncols=True)
+
+    @property
+    def shown(self) -> bool:
+        return self.bar is not None
 
     def update(self, loss: float | None, images_per_s: float) -> None:
         if self.bar is not None:
@@ -345,7 +360,7 @@ def fit(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = pri
     start_epoch, best_top1 = 0, -1.0
     metrics_path = out / "metrics.jsonl"
     if resume:
-        start_epoch, best_top1 = _load_state(out / STATE_FILE, model, optimizer, scaler)
+        start_epoch, best_top1, last_metrics = _load_state(out / STATE_FILE, model, optimizer, scaler)
         log(f"resuming {out} after epoch {start_epoch} (best top-1 so far {best_top1:.4f})")
     step_model: nn.Module = model
     if rt.world > 1:
@@ -359,8 +374,12 @@ def fit(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = pri
     writer = None
     if rt.is_main:
         if resume:  # drop what the killed run logged after its last saved epoch
+            # Lines before the saved epoch, then the saved epoch's own line from the state (whether or not the
+            # killed run appended it); a torn or later line is dropped: those epochs run again.
+            cut = start_epoch - 1 if last_metrics else start_epoch  # (state files from before the line rode along)
             kept = [line for line in metrics_path.read_text().splitlines()
-                    if json.loads(line)["epoch"] < start_epoch] if metrics_path.exists() else []
+                    if _metrics_epoch(line) < cut] if metrics_path.exists() else []
+            kept += [last_metrics] if last_metrics else []
             atomic_write_bytes(metrics_path, "".join(line + "\n" for line in kept).encode())
         else:
             metrics_path.unlink(missing_ok=True)
@@ -401,7 +420,8 @@ def fit(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = pri
                     raise NonFiniteLossError(
                         f"loss is not finite at epoch {epoch + 1}, step {i + 1}; the last good checkpoint is "
                         f"{out / 'last.safetensors'} (try a lower --lr{', or --amp bf16' if amp else ''})")
-            bar.update(loss.item() if i % 10 == 0 else None, seen * rt.world / (time.perf_counter() - t0))
+            # loss.item() waits for the GPU: only when a bar will show it
+            bar.update(loss.item() if bar.shown and i % 10 == 0 else None, seen * rt.world / (time.perf_counter() - t0))
         bar.close()
         if rt.device.type == "cuda":
             torch.cuda.synchronize(rt.device)
@@ -415,9 +435,10 @@ def fit(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = pri
             save_checkpoint(out / "last.safetensors", model, extra=extra, **checkpoint_args)
             if top1 > best_top1:
                 save_checkpoint(out / "best.safetensors", model, extra=extra, **checkpoint_args)
-            _save_state(out / STATE_FILE, model, optimizer, scaler, epoch, max(best_top1, top1))
+            line = json.dumps(m.__dict__)
+            _save_state(out / STATE_FILE, model, optimizer, scaler, epoch, max(best_top1, top1), line)
             with metrics_path.open("a") as f:
-                f.write(json.dumps(m.__dict__) + "\n")
+                f.write(line + "\n")
             for key in ("train_loss", "val_loss", "top1", "top5", "lr", "images_per_s"):
                 writer.add_scalar(key, getattr(m, key), epoch + 1)
             writer.flush()
