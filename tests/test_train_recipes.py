@@ -242,3 +242,23 @@ def test_gpu_eval_matches_training_time_evaluation(tmp_path, capsys):
     assert main(["--eval", str(out / "last.safetensors"), "--device", "cuda"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["top1"] == pytest.approx(_metrics(out)[-1]["top1"], abs=1e-9)
+
+
+def test_ddp_ranks_never_get_an_empty_training_batch():
+    """Global batches sliced by rank: with several processes a short last global batch is dropped, since a rank
+    with no image would compute a NaN loss that the gradient all-reduce spreads to every rank."""
+    from ganet.preprocess import Preprocessing
+    from ganet.train.config import TrainConfig
+    from ganet.train.data import ImageTensors
+    from ganet.train.engine import MemoryBatches, Runtime
+
+    data = ImageTensors(torch.zeros(9, 3, 8, 8, dtype=torch.uint8), torch.arange(9) % 3)  # 9 = 2 * 4 + 1
+    cfg = TrainConfig(input_size=8)
+    for world, steps in ((1, 3), (2, 2)):
+        sizes = []
+        for rank in range(world):
+            batches = MemoryBatches(data, Preprocessing.for_input_size(8), Runtime(torch.device("cpu"), rank, world),
+                                    4, train=True, cfg=cfg)
+            assert len(batches) == steps
+            sizes += [len(y) for _, y, _ in batches.batches(0)]
+        assert min(sizes) > 0 and sum(sizes) == (9 if world == 1 else 8), (world, sizes)

@@ -132,7 +132,12 @@ class MemoryBatches:
             (data.images[rt.rank::rt.world], data.targets[rt.rank::rt.world])
         self.images, self.targets = images.to(rt.device), targets.to(rt.device)
         self.prep, self.rt, self.batch_size, self.train, self.cfg = prep, rt, batch_size, train, cfg
-        self.steps = math.ceil(len(data) / batch_size) if train else math.ceil(len(self.targets) / batch_size)
+        if not train:
+            self.steps = math.ceil(len(self.targets) / batch_size)
+        elif rt.world > 1:  # a short last global batch could leave a rank with no image (a NaN loss, all-reduced)
+            self.steps = len(data) // batch_size
+        else:
+            self.steps = math.ceil(len(data) / batch_size)
 
     def __len__(self) -> int:
         return self.steps
@@ -400,6 +405,12 @@ def fit(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = pri
                 _handle_bad_images(bad, cfg.strict)
                 skipped += bad
                 if len(y) == 0:  # every image of this batch was corrupt
+                    if rt.world > 1:  # skipping on one rank would desynchronise DDP's all-reduce: stop instead
+                        from ganet.train.datasets import CorruptImageError
+
+                        raise CorruptImageError(bad[0][0], f"rank {rt.rank}: every image of step {i + 1} is corrupt "
+                                                "and a step cannot be skipped on one process of several; remove the "
+                                                "files named above")
                     continue
             lr = learning_rate(cfg, epoch * steps_per_epoch + i, steps_per_epoch)
             for group in optimizer.param_groups:
