@@ -22,6 +22,7 @@ from ganet.export import parity as P
 from ganet.export.manifest import load_manifest
 from ganet.layers import GroupAttention
 from ganet.models import create_model
+from test_export_trt_triton import stand_in  # noqa: F401  (the fixture: a stand-in tensorrt + cuda runtime)
 
 MAX_BATCH = 8
 pytestmark = pytest.mark.slow  # one trained model, one real export: ~1-2 min on 2 shared cores
@@ -280,4 +281,22 @@ def test_triton_repository_is_written_and_hashed(checkpoint, reuse_onnx, tmp_pat
     assert m.raw["triton"]["platform"] == "onnxruntime_onnx"
     hashed = {f for f in m.files if f.startswith("triton/")}
     assert "triton/ga_shufflenet_v2_cifar/config.pbtxt" in hashed and "triton/ga_shufflenet_v2_cifar/1/model.onnx" in hashed
+    assert cli.main(["--verify", str(out)]) == 0
+
+
+def test_trt_and_triton_through_the_pipeline_with_stand_in_tensorrt(checkpoint, reuse_onnx, stand_in, tmp_path):
+    """`--trt --triton` end to end on a CPU: the stand-in TensorRT (tests/test_export_trt_triton.py; it runs the
+    parsed graph in ONNX Runtime) takes the real pipeline through build, reload, parity, manifest, report, Triton
+    plan repository and --verify. What only a GPU proves -- the engine's numbers -- is in the gpu-marked tests."""
+    stand_in("10.7.0")
+    out = tmp_path / "out"
+    assert cli.main([str(checkpoint), "--output", str(out), "--trt", "--triton", "--benchmark-rounds", "0"]) == 0
+    m = load_manifest(out)
+    engine = m.artifact("tensorrt")
+    assert engine is not None and engine.file == "model.plan" and "model.plan" in m.files
+    assert engine.info["precision"] == "fp32" and engine.info["compute_capability"] == "8.9"
+    assert m.parity["tensorrt"]["passed"] and m.parity["tensorrt"]["top1_agreement"] == 1.0
+    assert m.raw["triton"]["platform"] == "tensorrt_plan"
+    assert (out / "triton" / "ga_shufflenet_v2_cifar" / "1" / "model.plan").is_file()
+    assert "TensorRT" in (out / "report.md").read_text()
     assert cli.main(["--verify", str(out)]) == 0
