@@ -22,7 +22,6 @@ import os
 import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +31,9 @@ from _stats import spread  # benchmarks/_stats.py (scripts run from this folder)
 from ganet.export.onnx_export import export_onnx
 from ganet.export.parity import ort_runner, photographs
 from ganet.export.quantize import quantize_int8
+from ganet.export.speed import interleaved_times
 from ganet.models import create_model
-from ganet.preprocess import Preprocessing
+from ganet.preprocess import Preprocessing, normalize_uint8
 
 MODELS = {32: ("ga_shufflenet_v2_cifar", "shufflenet_v2_cifar"), 224: ("ga_shufflenet_v2", "shufflenet_v2_g15")}
 
@@ -77,12 +77,11 @@ def bench_size(size: int, batches: list[int], rounds: int, profile: bool, tmp: P
     photos = photographs(prep).images
     int8_path = tmp / f"{ga_name}.int8.onnx"
     quantize_int8(paths[ga_name], int8_path, photos)  # speed only: any calibration set gives the same kernels
-    mean, std = torch.tensor(prep.mean).view(1, 3, 1, 1), torch.tensor(prep.std).view(1, 3, 1, 1)
 
     def torch_runner(model):
         def run(images: np.ndarray):
             with torch.inference_mode():
-                return model((torch.from_numpy(images).float().div(255) - mean) / std)
+                return model(normalize_uint8(torch.from_numpy(images), prep))
         return run
 
     # Spinning off: idle ORT threads would otherwise busy-wait through the next runner's turn.
@@ -92,14 +91,7 @@ def bench_size(size: int, batches: list[int], rounds: int, profile: bool, tmp: P
     result = {"models": {"ga": ga_name, "baseline": base_name}, "by_batch": {}}
     for b in batches:
         images = np.resize(photos, (b, 3, size, size))
-        for run in runners.values():
-            run(images), run(images)  # warm-up
-        times = {k: [] for k in runners}
-        for _ in range(rounds):
-            for name, run in runners.items():
-                t0 = time.perf_counter()
-                run(images)
-                times[name].append(time.perf_counter() - t0)
+        times = interleaved_times(runners, images, rounds)
         ratios = {
             "ort_speedup_vs_torch": [t / o for t, o in zip(times["torch_ga"], times["ort_ga"])],
             "ga_over_baseline_ort": [g / p for g, p in zip(times["ort_ga"], times["ort_base"])],

@@ -7,13 +7,14 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["interleaved_latency"]
+__all__ = ["interleaved_times", "interleaved_latency"]
+
+Runner = Callable[[np.ndarray], object]
 
 
-def interleaved_latency(runners: dict[str, Callable[[np.ndarray], object]], batch: np.ndarray, rounds: int,
-                        warmup: int = 2, baseline: str | None = None) -> dict[str, dict[str, float]]:
-    """Per runner: median latency (ms) over ``rounds``; with ``baseline``, the median and spread of the per-round
-    ratio ``baseline / runner`` (the speed-up; > 1 means faster than the baseline)."""
+def interleaved_times(runners: dict[str, Runner], batch: np.ndarray, rounds: int,
+                      warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call of every runner on ``batch``, ``rounds`` times, one runner after the other in each round."""
     for run in runners.values():
         for _ in range(warmup):
             run(batch)
@@ -23,6 +24,14 @@ def interleaved_latency(runners: dict[str, Callable[[np.ndarray], object]], batc
             t0 = time.perf_counter()
             run(batch)
             times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def interleaved_latency(runners: dict[str, Runner], batch: np.ndarray, rounds: int,
+                        warmup: int = 2, baseline: str | None = None) -> dict[str, dict[str, float]]:
+    """Per runner: median latency (ms) over ``rounds``; with ``baseline``, the median and spread of the per-round
+    ratio ``baseline / runner`` (the speed-up; > 1 means faster than the baseline)."""
+    times = interleaved_times(runners, batch, rounds, warmup)
     out = {}
     for name, ts in times.items():
         entry = {"median_ms": 1000 * statistics.median(ts), "min_ms": 1000 * min(ts), "rounds": len(ts)}
