@@ -99,6 +99,8 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys):
     assert "amp must be one of" in capsys.readouterr().err
     assert main(["--resume", str(tmp_path / "nothing")]) == 2
     assert "no config.json" in capsys.readouterr().err
+    assert main(["--resume", str(tmp_path), "--preset", "cifar100"]) == 2
+    assert "drop --preset/--config" in capsys.readouterr().err
 
 # The default run's >= 95% held-out top-1 is checked by tests/test_preprocess_and_cli.py's ganet-demo test.
 

@@ -72,12 +72,14 @@ def _fail(message: str, code: int = 2) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    from ganet.checkpoint import CheckpointError
     from ganet.train.datasets import CorruptImageError
     from ganet.train.engine import NonFiniteLossError, evaluate_checkpoint, fit
 
     try:
         if args.resume:
+            if args.preset or args.config:  # the run's own config.json decides; flags may still override it
+                return _fail("--resume continues a run with its saved config.json: drop --preset/--config (flags "
+                             "such as --epochs still apply)")
             config_path = Path(args.resume) / "config.json"
             if not config_path.is_file():
                 return _fail(f"cannot resume {args.resume}: no config.json there (is it a ganet-train output folder?)")
@@ -92,11 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(evaluate_checkpoint(args.eval, cfg)))
             return 0
         best = fit(cfg, resume=bool(args.resume))
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, CorruptImageError) as e:
         return _fail(f"stopped: {e}", 1)
-    except CorruptImageError as e:
-        return _fail(f"stopped: {e}", 1)
-    except (ValueError, FileNotFoundError, CheckpointError) as e:
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
         return _fail(str(e))
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, only rank 0 speaks
         print(f"\nWrote {best} (the best held-out checkpoint) and {cfg.output}/last.safetensors.")
