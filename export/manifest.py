@@ -12,7 +12,7 @@ every file listed under ``files``. Layout (``format_version`` 1)::
      "preprocessing": Preprocessing.to_dict() (geometry before the graph; the graph normalises),
      "onnx": {"opset", "ir_version", "exporter", "dynamo", "export_batch", "simplified"},
      "versions": {"torch", "onnx", "onnxruntime", "tensorrt" (or null), "ganet", "python"},
-     "artifacts": [{"kind": "onnx" | "onnx_int8" | "tensorrt", "file", "precision", ...}],  # tensorrt: + the
+     "artifacts": [{"kind": "onnx" | "onnx_fused" | "onnx_int8" | "tensorrt", "file", "precision", ...}],  # tensorrt: + the
                                                    # engine info of ganet.export.tensorrt.build_engine
      "parity": {kind: results}, "speed": {...}, "triton": {...} or null,
      "files": {relative path: {"sha256", "bytes"}}}   # every file except manifest.json itself
@@ -35,7 +35,7 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST_FILE", "ARTIFACT_KINDS", "Manif
 FORMAT = "ganet.export"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
-ARTIFACT_KINDS = ("onnx", "onnx_int8", "tensorrt")
+ARTIFACT_KINDS = ("onnx", "onnx_fused", "onnx_int8", "tensorrt")
 
 
 class ManifestError(FileProblemError):
@@ -91,7 +91,8 @@ class Manifest:
     raw: dict[str, Any]
 
     def artifact(self, kind: str) -> Artifact | None:
-        """The artifact of ``kind`` (``"onnx"``, ``"onnx_int8"``, ``"tensorrt"``), or None if it was not exported."""
+        """The artifact of ``kind`` (``"onnx"``, ``"onnx_fused"``, ``"onnx_int8"``, ``"tensorrt"``), or None if it was
+        not exported."""
         return next((a for a in self.artifacts if a.kind == kind), None)
 
     def path(self, artifact: Artifact) -> Path:

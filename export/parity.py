@@ -155,11 +155,12 @@ def failure_message(kind: str, result: ParityResult) -> str:
             + f"; worst inputs: {worst}")
 
 
-def ort_session(path: Any, threads: int | None = None, spinning: bool = True) -> Any:
+def ort_session(path: Any, threads: int | None = None, spinning: bool = True, kernels: bool = False) -> Any:
     """An ONNX Runtime CPU session, all graph optimisations, intra-op threads = the core count.
 
     ``spinning=False`` stops idle pool threads from busy-waiting after a run: needed when timing ORT interleaved
-    with other runners, which the spinning threads would otherwise slow down.
+    with other runners, which the spinning threads would otherwise slow down. ``kernels`` loads ganet's custom-op
+    library, which ``model.fused.onnx`` needs (raises ``KernelUnavailable`` where it cannot be built).
     """
     import os
 
@@ -169,11 +170,15 @@ def ort_session(path: Any, threads: int | None = None, spinning: bool = True) ->
     options.intra_op_num_threads = threads or os.cpu_count() or 1
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if kernels:
+        from ganet.kernels import register_kernels
+
+        register_kernels(options)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def ort_runner(path: Any, threads: int | None = None, spinning: bool = True) -> Runner:
-    session = ort_session(path, threads, spinning)
+def ort_runner(path: Any, threads: int | None = None, spinning: bool = True, kernels: bool = False) -> Runner:
+    session = ort_session(path, threads, spinning, kernels)
     input_name = session.get_inputs()[0].name
     return lambda images: session.run(None, {input_name: np.ascontiguousarray(images)})[0]

@@ -185,6 +185,7 @@ def _build(checkpoint: Path, model: Any, info: Any, opts: ExportOptions, tmp: Pa
     onnx_path = tmp / "model.onnx"
     export = export_onnx(model, prep, onnx_path, opset=opts.opset, max_batch=opts.max_batch)
     proto = check_onnx(onnx_path, info.num_classes, prep.input_size)
+    exported = proto  # with the exporter's module paths, which --simplify drops and the GA fusion reads
     log(f"  done in {time.perf_counter() - t:.1f}s; onnx.checker(full_check) passed, no batch size in any Reshape")
 
     t = _step(log, "computing PyTorch fp32 reference logits on real images")
@@ -193,8 +194,8 @@ def _build(checkpoint: Path, model: Any, info: Any, opts: ExportOptions, tmp: Pa
     reference = P.torch_reference(model, prep, inputs.images)
     log(f"  {len(inputs)} images ({'photographs + ' + dataset + ' held-out split' if dataset else 'photographs'})")
 
-    def onnx_parity(path: Path, label: str) -> P.ParityResult:
-        result = P.run_parity(P.ort_runner(path), inputs, reference, batches, P.TOLERANCES["onnx"])
+    def onnx_parity(path: Path, label: str, kernels: bool = False) -> P.ParityResult:
+        result = P.run_parity(P.ort_runner(path, kernels=kernels), inputs, reference, batches, P.TOLERANCES["onnx"])
         log(f"  {label}: {result.summary()} at batch sizes {batches}")
         if not result.passed:
             raise ExportError(P.failure_message(label, result))
@@ -225,6 +226,11 @@ def _build(checkpoint: Path, model: Any, info: Any, opts: ExportOptions, tmp: Pa
     onnx_meta["tensorrt_op_check"] = "passed"
 
     artifacts: list[dict[str, Any]] = [{"kind": "onnx", "file": "model.onnx", "precision": "fp32"}]
+    fused = _fused(exported, model, prep, tmp, onnx_parity, log)
+    if fused is not None:
+        artifacts.append(fused)
+        parity["onnx_fused"] = fused.pop("parity")
+    onnx_meta["fused_group_attention"] = fused["blocks"] if fused else None
     if opts.int8:
         artifacts.append(_int8(onnx_path, tmp / "model.int8.onnx", prep, dataset, opts, inputs, reference, parity,
                                log))
@@ -277,6 +283,33 @@ def _build(checkpoint: Path, model: Any, info: Any, opts: ExportOptions, tmp: Pa
     (tmp / "report.md").write_text(render_report(manifest), encoding="utf-8")
     manifest["files"] = hash_directory(tmp)
     return manifest
+
+
+def _fused(proto: Any, model: Any, prep: Any, tmp: Path, onnx_parity: Callable[..., Any],
+           log: Log) -> dict[str, Any] | None:
+    """``model.fused.onnx`` (GA blocks as one custom op each, for ONNX Runtime on CPUs), parity-checked like
+    ``model.onnx``; None when the model has no GA block or the kernel cannot be built here (logged)."""
+    import onnx
+
+    from ganet.export.onnx_export import ImageModel
+    from ganet.export.ort_fused import FUSED_FILE, fuse_group_attention
+    from ganet.kernels import KernelUnavailable
+
+    fused, blocks = fuse_group_attention(proto, ImageModel(model, prep))
+    if not blocks:
+        return None
+    t = _step(log, f"fusing {blocks} Group Attention blocks into the ganet.ops::GroupAttention CPU kernel")
+    path = tmp / FUSED_FILE
+    onnx.save(fused, str(path))
+    try:
+        result = onnx_parity(path, "ONNX Runtime fp32, fused GA kernel", kernels=True)
+    except KernelUnavailable as e:
+        path.unlink()
+        log(f"  skipped: {e}\n  (serving falls back to model.onnx; the fused graph is only a CPU speed-up)")
+        return None
+    log(f"  done in {time.perf_counter() - t:.1f}s; {len(fused.graph.node)} nodes instead of {len(proto.graph.node)}")
+    return {"kind": "onnx_fused", "file": FUSED_FILE, "precision": "fp32", "blocks": blocks,
+            "custom_op": "ganet.ops::GroupAttention (ganet/kernels/group_attention.c)", "parity": result.to_dict()}
 
 
 def _cpu_name() -> str:

@@ -115,15 +115,32 @@ def _rerun_parity(m: Manifest, result: VerifyResult, changed: set[str], log: Cal
     recorded = m.parity.get("onnx", {})
     batches = [int(b) for b in recorded.get("by_batch", {})] or parity_batch_sizes(m.max_batch)
     onnx_file = m.path(m.artifact("onnx"))
-    now = P.run_parity(P.ort_runner(onnx_file), inputs, reference, batches, P.TOLERANCES["onnx"])
-    if not now.passed:
-        result.differences.append(P.failure_message("ONNX Runtime fp32 (re-run)", now))
-    if recorded.get("n") != now.n:
-        result.differences.append(f"parity.onnx.n: manifest says {recorded.get('n')} images, re-run used {now.n}")
-    _compare_numbers("parity.onnx", recorded, now.to_dict(), ("max_abs", "mean_abs", "top1_agreement"), result)
-    for b, rb in now.by_batch.items():
-        _compare_numbers(f"parity.onnx.by_batch.{b}", recorded.get("by_batch", {}).get(b, {}), rb,
-                         ("max_abs", "mean_abs", "top1_agreement"), result)
+
+    def recheck(key: str, label: str, runner: Any) -> None:
+        recorded = m.parity.get(key, {})
+        now = P.run_parity(runner, inputs, reference, batches, P.TOLERANCES["onnx"])
+        if not now.passed:
+            result.differences.append(P.failure_message(f"{label} (re-run)", now))
+        if recorded.get("n") != now.n:
+            result.differences.append(f"parity.{key}.n: manifest says {recorded.get('n')} images, re-run used {now.n}")
+        _compare_numbers(f"parity.{key}", recorded, now.to_dict(), ("max_abs", "mean_abs", "top1_agreement"), result)
+        for b, rb in now.by_batch.items():
+            _compare_numbers(f"parity.{key}.by_batch.{b}", recorded.get("by_batch", {}).get(b, {}), rb,
+                             ("max_abs", "mean_abs", "top1_agreement"), result)
+
+    recheck("onnx", "ONNX Runtime fp32", P.ort_runner(onnx_file))
+    fused = m.artifact("onnx_fused")
+    if fused is not None and fused.file in changed:
+        result.notes.append(f"fused-graph parity not re-run: {fused.file} differs from the manifest")
+    elif fused is not None:
+        from ganet.kernels import KernelUnavailable
+
+        try:
+            runner = P.ort_runner(m.path(fused), kernels=True)
+        except KernelUnavailable as e:
+            result.notes.append(f"fused-graph parity not re-run: {e}")
+        else:
+            recheck("onnx_fused", "ONNX Runtime fp32, fused GA kernel", runner)
     int8 = m.artifact("onnx_int8")
     held = (m.parity.get("onnx_int8") or {}).get("heldout")
     if int8 is not None and int8.file in changed:

@@ -169,7 +169,8 @@ def load_backends(s: ServeSettings) -> tuple[list[Backend], ModelSpec]:
     two sessions on 2 cores serve ~10% more images per second (benchmarks/bench_serve.py). GPUs: one instance."""
     def load() -> tuple[Backend, ModelSpec]:
         return load_backend(s.model, s.backend, intra_op_threads=s.intra_op_threads, device=s.device,
-                            max_batch=s.max_batch, name=s.model_name, precision=s.precision)
+                            max_batch=s.max_batch, name=s.model_name, precision=s.precision,
+                            fused_kernels=s.fused_kernels)
 
     first, spec = load()
     count = s.instances

@@ -66,7 +66,10 @@ class OnnxRuntimeBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, onnx_path: str | os.PathLike, intra_op_threads: int = 0, prefer_cuda: bool = True) -> None:
+    def __init__(self, onnx_path: str | os.PathLike, intra_op_threads: int = 0, prefer_cuda: bool = True,
+                 fused_path: str | os.PathLike | None = None) -> None:
+        """``fused_path``: the export's ``model.fused.onnx``, run instead of ``onnx_path`` on the CPU when the fused
+        GA kernel builds and loads here (it is a CPU kernel: the CUDA execution provider keeps the standard graph)."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -82,6 +85,17 @@ class OnnxRuntimeBackend:
         providers = ["CPUExecutionProvider"]
         if prefer_cuda and "CUDAExecutionProvider" in available:
             providers.insert(0, "CUDAExecutionProvider")
+        self.graph = "standard"
+        if fused_path is not None and providers == ["CPUExecutionProvider"]:
+            from ganet.kernels import KernelUnavailable, register_kernels
+
+            try:
+                library = register_kernels(opts)
+                onnx_path, self.graph = fused_path, "fused"
+                log.info("fused GA kernel", extra={"event": "graph", "graph": "fused", "library": str(library)})
+            except KernelUnavailable as e:
+                log.warning("fused GA kernel unavailable, serving the standard graph: %s", e,
+                            extra={"event": "graph", "graph": "standard", "reason": str(e)})
         self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
         self.device = self.session.get_providers()[0]
         self.input_name = self.session.get_inputs()[0].name
@@ -160,7 +174,7 @@ def choose_backend(model: Path, requested: str, precision: str = "fp32") -> tupl
 
 def load_backend(model: str | os.PathLike, requested: str = "auto", *, intra_op_threads: int = 0,
                  device: str | None = None, max_batch: int | None = None, name: str | None = None,
-                 precision: str = "fp32") -> tuple[Backend, ModelSpec]:
+                 precision: str = "fp32", fused_kernels: bool = True) -> tuple[Backend, ModelSpec]:
     """Load MODEL (an export directory, or a checkpoint for torch) with the requested backend and precision."""
     model = Path(model)
     backend, reason = choose_backend(model, requested, precision)
@@ -196,7 +210,9 @@ def load_backend(model: str | os.PathLike, requested: str = "auto", *, intra_op_
         artifact = manifest.artifact("onnx_int8" if precision == "int8" else "onnx")
         if artifact is None:
             raise BackendError(f"{model} holds no INT8 model: re-export with `ganet-export CHECKPOINT --int8`")
-        return OnnxRuntimeBackend(manifest.path(artifact), intra_op_threads), spec
+        fused = manifest.artifact("onnx_fused") if precision == "fp32" and fused_kernels else None
+        return OnnxRuntimeBackend(manifest.path(artifact), intra_op_threads,
+                                  fused_path=manifest.path(fused) if fused else None), spec
     if backend == "tensorrt":
         from ganet.serve.trt_backend import TensorRTBackend
 

@@ -31,6 +31,9 @@ class ServeSettings(BaseSettings):
     precision: Literal["fp32", "int8"] = Field("fp32", description="int8: ONNX Runtime runs the export's INT8 model "
                                                "(ganet-export --int8, accuracy drop in its manifest); faster on "
                                                "CPUs with VNNI")
+    fused_kernels: bool = Field(True, description="ONNX Runtime on the CPU runs the export's model.fused.onnx, "
+                                "each Group Attention block one native kernel (built with the host's C compiler on "
+                                "first use); without a compiler, or with --no-fused-kernels, the standard graph")
     model_name: str | None = Field(None, description="name served under /v2/models/{name} (default: the model's)")
     host: str = Field("127.0.0.1", description="bind address (0.0.0.0 to accept other hosts)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")

@@ -1,0 +1,113 @@
+"""Native CPU kernels for ONNX Runtime: the fused Group Attention custom op (``ganet.ops::GroupAttention``).
+
+Standard ONNX has no op that fuses a per-pixel scale with a rank-1 update, so the exported GA block makes about nine
+full passes over its feature map on a CPU. ``group_attention.c`` computes a whole block per sample while the
+sample's map sits in the L2 cache (see the file's header for the op's contract). It is a plain C file written
+against ONNX Runtime's ABI-stable C API, compiled here, on first use, with the host's C compiler for the host's CPU
+(``-march=native``), and cached by the hash of source, flags and compiler.
+
+Where no compiler exists (a slim container, say) :func:`library_path` raises :class:`KernelUnavailable` and the
+callers fall back to the standard graph: the fused graph is only ever an optimisation, never the only artifact.
+Imports neither torch nor onnxruntime.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DOMAIN", "OP_TYPE", "SOURCE", "KernelUnavailable", "library_path", "build_library", "compile_flags",
+           "register_kernels"]
+
+DOMAIN = "ganet.ops"
+OP_TYPE = "GroupAttention"
+OPSET_VERSION = 1
+SOURCE = Path(__file__).with_name("group_attention.c")
+LIBRARY_NAME = "libganet_ops.so"
+# A library shipped inside the package (a Docker image's build stage puts one here): used before compiling.
+PREBUILT = Path(__file__).with_name(LIBRARY_NAME)
+
+
+class KernelUnavailable(RuntimeError):
+    """The custom-op library cannot be built or loaded here; the standard ONNX graph must be used instead."""
+
+
+def compile_flags(march: str = "native") -> list[str]:
+    # -ffast-math lets gcc vectorise the reductions; the kernel's own exp keeps its accuracy (see the source).
+    return ["-O3", f"-march={march}", "-ffast-math", "-fPIC", "-shared", "-fvisibility=hidden"]
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    if not cc or not shutil.which(cc):
+        raise KernelUnavailable(f"no C compiler found (looked for $CC, cc, gcc, clang) to build {SOURCE.name}; "
+                                "install gcc, or run the standard ONNX graph")
+    return cc
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("GANET_KERNEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "ganet", "kernels")
+    return Path(root)
+
+
+def build_library(output: Path, march: str = "native", cc: str | None = None) -> Path:
+    """Compile ``group_attention.c`` into ``output`` (atomically: a failed build leaves nothing there)."""
+    if platform.system() != "Linux":
+        raise KernelUnavailable(f"the fused kernel is built for Linux only (this is {platform.system()})")
+    cc = cc or _compiler()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=output.parent)
+    os.close(fd)
+    try:
+        cmd = [cc, *compile_flags(march), "-o", tmp, str(SOURCE), "-lm"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise KernelUnavailable(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
+        os.replace(tmp, output)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise KernelUnavailable(f"building {SOURCE.name} failed: {e}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return output
+
+
+def library_path() -> Path:
+    """The custom-op library for this host: the packaged one, else a cached build, else built now (~1 s)."""
+    if os.environ.get("GANET_DISABLE_KERNELS"):
+        raise KernelUnavailable("disabled by GANET_DISABLE_KERNELS")
+    if PREBUILT.is_file():
+        return PREBUILT
+    cc = _compiler()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(compile_flags()).encode(), "".join(version).encode(),
+                 platform.machine().encode(), _cpu_flags().encode()):
+        key.update(part)
+    path = _cache_dir() / key.hexdigest()[:16] / LIBRARY_NAME
+    return path if path.is_file() else build_library(path, cc=cc)
+
+
+def _cpu_flags() -> str:
+    """-march=native builds for this CPU: a cache shared across machines (an NFS home) must not mix them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def register_kernels(session_options: Any) -> Path:
+    """Make the custom ops known to an ``onnxruntime.SessionOptions`` (before the session is created)."""
+    path = library_path()
+    try:
+        session_options.register_custom_ops_library(str(path))
+    except Exception as e:  # onnxruntime raises its own Fail/RuntimeException types
+        raise KernelUnavailable(f"ONNX Runtime could not load {path}: {e}") from e
+    return path

@@ -1,0 +1,446 @@
+/* Fused Group Attention for ONNX Runtime on CPUs: the custom op ganet.ops::GroupAttention.
+ *
+ * The exported GA block (ganet.layers.group_attention.GroupAttention.forward_graph) is memory-bound on a CPU:
+ * standard ONNX ops make about nine full passes over the (B, C, H, W) feature map (x * u, two matmuls reading it,
+ * the rank-1 term, the sum). This kernel computes everything after the U4U logits matmul group by group: one
+ * group's (C/G, H*W) slice fits in the L1/L2 cache, so the slice is read from memory once and the output written
+ * once.
+ *
+ * Inputs (all float32):
+ *   0  x         (B, C, H, W)  the block input
+ *   1  u4u_w     (G, C)        the U4U 1x1 conv weight (its bias is dropped: normalize() removes a per-map constant)
+ *   2  pair_w    (G, 2, C/G)   pool (row 0) and assign (row 1) 1x1 conv weights of every group
+ *   3  params    (7, G)        gamma_u, beta_u, gamma_pool, beta_pool, gamma_assign, beta_assign, alpha
+ * Attribute: epsilon (float), the eps of eq. (8).
+ * Output: y (B, C, H, W).
+ *
+ * Per (sample, group), with u = sigmoid(norm(u_logits)) (eqs. 1, 8, 9):
+ *   pool   = softmax_n(norm(sum_k pw_k x_k u))        eq. (3)
+ *   assign = sigmoid(norm(sum_k aw_k x_k u))          eq. (5)
+ *   e_k    = sum_n x_k u pool                          eq. (4), the weighted-mean reading
+ *   y_k    = x_k u + alpha e_k assign                  eqs. (2), (6), (7)
+ * norm(a) = gamma (a - mean) / (std + eps) + beta, population std over H*W.
+ *
+ * Written against the ONNX Runtime C API, which is ABI-stable: the few entries used are declared below by their
+ * position in struct OrtApi (API version 13 and later), so no ONNX Runtime headers are needed to build it.
+ */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ORT_API_VERSION_USED 13
+
+typedef struct OrtStatus OrtStatus;
+typedef struct OrtValue OrtValue;
+typedef struct OrtKernelInfo OrtKernelInfo;
+typedef struct OrtKernelContext OrtKernelContext;
+typedef struct OrtSessionOptions OrtSessionOptions;
+typedef struct OrtCustomOpDomain OrtCustomOpDomain;
+typedef struct OrtTensorTypeAndShapeInfo OrtTensorTypeAndShapeInfo;
+
+enum { ORT_ELEMENT_FLOAT = 1 };            /* ONNXTensorElementDataType */
+enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 }; /* OrtErrorCode */
+
+/* The OrtApi entries this library calls, by index into the struct of function pointers. */
+enum {
+    API_CreateStatus = 0,
+    API_CreateCustomOpDomain = 26,
+    API_CustomOpDomainAdd = 27,          /* CustomOpDomain_Add */
+    API_AddCustomOpDomain = 28,
+    API_GetTensorMutableData = 51,
+    API_GetDimensionsCount = 61,
+    API_GetDimensions = 62,
+    API_GetTensorTypeAndShape = 65,
+    API_KernelInfoGetAttributeFloat = 85, /* KernelInfoGetAttribute_float */
+    API_KernelContextGetInput = 90,      /* KernelContext_GetInput */
+    API_KernelContextGetOutput = 91,     /* KernelContext_GetOutput */
+    API_ReleaseStatus = 93,
+    API_ReleaseTensorTypeAndShapeInfo = 99,
+};
+
+typedef void *OrtApiEntry;
+typedef struct OrtApiBase {
+    const OrtApiEntry *(*GetApi)(uint32_t version);
+    const char *(*GetVersionString)(void);
+} OrtApiBase;
+
+typedef OrtStatus *(*CreateStatusFn)(int code, const char *msg);
+typedef OrtStatus *(*CreateCustomOpDomainFn)(const char *domain, OrtCustomOpDomain **out);
+typedef OrtStatus *(*CustomOpDomainAddFn)(OrtCustomOpDomain *domain, const void *op);
+typedef OrtStatus *(*AddCustomOpDomainFn)(OrtSessionOptions *options, OrtCustomOpDomain *domain);
+typedef OrtStatus *(*GetTensorMutableDataFn)(OrtValue *value, void **out);
+typedef OrtStatus *(*GetDimensionsCountFn)(const OrtTensorTypeAndShapeInfo *info, size_t *out);
+typedef OrtStatus *(*GetDimensionsFn)(const OrtTensorTypeAndShapeInfo *info, int64_t *dims, size_t n);
+typedef OrtStatus *(*GetTensorTypeAndShapeFn)(const OrtValue *value, OrtTensorTypeAndShapeInfo **out);
+typedef OrtStatus *(*KernelInfoGetAttributeFloatFn)(const OrtKernelInfo *info, const char *name, float *out);
+typedef OrtStatus *(*KernelContextGetInputFn)(const OrtKernelContext *ctx, size_t index, const OrtValue **out);
+typedef OrtStatus *(*KernelContextGetOutputFn)(OrtKernelContext *ctx, size_t index, const int64_t *dims, size_t n,
+                                                OrtValue **out);
+typedef void (*ReleaseStatusFn)(OrtStatus *status);
+typedef void (*ReleaseTensorTypeAndShapeInfoFn)(OrtTensorTypeAndShapeInfo *info);
+
+#define API(table, name) ((name##Fn)(table)[API_##name])
+
+static const OrtApiEntry *g_api;
+
+/* struct OrtCustomOp as of API version 13 (later versions append fields that ONNX Runtime reads only when the
+ * op declares a version that has them). */
+typedef struct OrtCustomOp {
+    uint32_t version;
+    void *(*CreateKernel)(const struct OrtCustomOp *op, const OrtApiEntry *api, const OrtKernelInfo *info);
+    const char *(*GetName)(const struct OrtCustomOp *op);
+    const char *(*GetExecutionProviderType)(const struct OrtCustomOp *op);
+    int (*GetInputType)(const struct OrtCustomOp *op, size_t index);
+    size_t (*GetInputTypeCount)(const struct OrtCustomOp *op);
+    int (*GetOutputType)(const struct OrtCustomOp *op, size_t index);
+    size_t (*GetOutputTypeCount)(const struct OrtCustomOp *op);
+    void (*KernelCompute)(void *kernel, OrtKernelContext *ctx);
+    void (*KernelDestroy)(void *kernel);
+    int (*GetInputCharacteristic)(const struct OrtCustomOp *op, size_t index);
+    int (*GetOutputCharacteristic)(const struct OrtCustomOp *op, size_t index);
+    int (*GetInputMemoryType)(const struct OrtCustomOp *op, size_t index);
+} OrtCustomOp;
+
+typedef struct {
+    float eps;
+} GroupAttentionKernel;
+
+/* ---- the arithmetic --------------------------------------------------------------------------------------- */
+
+/* The library is built with -ffast-math, so gcc vectorises these reductions with several accumulators. */
+
+/* exp(v) as 2^(v log2 e): the integer part goes into the exponent bits, the fraction through a degree-6 polynomial
+ * (relative error < 3e-7, below float32's own rounding of the sums that follow). Inline, so that every loop that
+ * calls it vectorises; libm's vector expf is a call per vector and measured ~30% slower over the whole kernel. */
+static inline float exp_approx(float v) {
+    v = v < -87.f ? -87.f : (v > 88.f ? 88.f : v);
+    const float t = v * 1.44269504088896341f;
+    const float whole = __builtin_floorf(t + 0.5f);
+    const float f = t - whole; /* in [-0.5, 0.5] */
+    float p = 1.535336188319500e-4f;
+    p = p * f + 1.339887440266574e-3f;
+    p = p * f + 9.618437357674640e-3f;
+    p = p * f + 5.550332471162809e-2f;
+    p = p * f + 2.402264791363012e-1f;
+    p = p * f + 6.931472028550421e-1f;
+    p = p * f + 1.f;
+    const int32_t bits = ((int32_t)whole + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+static inline float sigmoid_approx(float v) { return 1.f / (1.f + exp_approx(-v)); }
+
+static float centred_square_sum(const float *a, float mean, int64_t n) {
+    float s = 0.f;
+    for (int64_t i = 0; i < n; ++i) s += (a[i] - mean) * (a[i] - mean);
+    return s;
+}
+
+static float sum_of(const float *a, int64_t n) {
+    float s = 0.f;
+    for (int64_t i = 0; i < n; ++i) s += a[i];
+    return s;
+}
+
+
+/* normalize() of eqs. (8)-(9): gamma (a - mean) / (std + eps) + beta = (a - mean) * scale + beta, with the
+ * population std from the centred squares (two passes: exact enough in fp32, unlike E[a^2] - mean^2). The centring
+ * stays a subtraction: folding it into one multiply-add (scale a + shift) cancels catastrophically when the map
+ * is nearly constant and scale ~ 1 / eps. */
+typedef struct {
+    float mean, scale, beta;
+} Norm;
+
+static inline Norm affine_norm(float sum, float centred_squares, int64_t n, float gamma, float beta, float eps) {
+    Norm r = {sum / (float)n, 0.f, beta};
+    r.scale = gamma / (sqrtf(centred_squares / (float)n) + eps);
+    return r;
+}
+
+static inline float apply_norm(Norm nm, float a) { return (a - nm.mean) * nm.scale + nm.beta; }
+
+#define SCRATCH_PAD 48
+#ifndef CHANNEL_BLOCK
+#define CHANNEL_BLOCK 4
+#endif
+#ifndef PAIR_BLOCK
+#define PAIR_BLOCK 8
+#endif
+
+/* The U4U logits of one sample, (G, C) @ (C, N) -> (G, N) (eq. 1's 1x1 conv, without its bias): tiles of
+ * GEMM_PIXELS pixels x GEMM_GROUPS groups accumulate in registers over all C channels, so x is read once per group
+ * tile and the logits written once. ``wt`` is the weight transposed and zero-padded to (tiles, C, GEMM_GROUPS). */
+#ifndef GEMM_PIXELS /* measured on a Zen 4 (AVX-512): 16 x 16 runs 2-3x faster than 8 x 8 at 32x32 maps */
+#if defined(__AVX512F__)
+#define GEMM_PIXELS 16 /* 16 accumulators of 16 lanes: half the 32 vector registers */
+#define GEMM_GROUPS 16
+#else
+#define GEMM_PIXELS 8 /* AVX2: 16 registers, so 8 accumulators of 8 lanes */
+#define GEMM_GROUPS 8
+#endif
+#endif
+typedef float pixels_v __attribute__((vector_size(GEMM_PIXELS * sizeof(float))));
+
+static void u4u_logits(const float *restrict x, const float *restrict wt, int64_t groups, int64_t ch, int64_t n,
+                       float *restrict logits, int64_t logits_stride) {
+    const int64_t tiles = (groups + GEMM_GROUPS - 1) / GEMM_GROUPS;
+    const int64_t n_vec = n - n % GEMM_PIXELS;
+    for (int64_t t = 0; t < tiles; ++t) {
+        const float *restrict w = wt + t * ch * GEMM_GROUPS;
+        const int64_t g0 = t * GEMM_GROUPS;
+        const int64_t gn = groups - g0 < GEMM_GROUPS ? groups - g0 : GEMM_GROUPS;
+        for (int64_t p = 0; p < n_vec; p += GEMM_PIXELS) {
+            pixels_v acc[GEMM_GROUPS] = {{0}};
+            for (int64_t k = 0; k < ch; ++k) {
+                pixels_v xv;
+                memcpy(&xv, x + k * n + p, sizeof xv);
+                for (int j = 0; j < GEMM_GROUPS; ++j) acc[j] += w[k * GEMM_GROUPS + j] * xv;
+            }
+            for (int64_t j = 0; j < gn; ++j) memcpy(logits + (g0 + j) * logits_stride + p, &acc[j], sizeof acc[j]);
+        }
+        for (int64_t p = n_vec; p < n; ++p)
+            for (int64_t j = 0; j < gn; ++j) {
+                float a = 0.f;
+                for (int64_t k = 0; k < ch; ++k) a += w[k * GEMM_GROUPS + j] * x[k * n + p];
+                logits[(g0 + j) * logits_stride + p] = a;
+            }
+    }
+}
+
+/* One (sample, group): x and y are (c, n) slices, u_logits is (n); scratch holds 4 (n + SCRATCH_PAD) floats.
+ * Eight passes over the group's maps, every one over data in the L1/L2 cache; the channel loops are unrolled where
+ * the caller passes a constant c, so each pass reads all c channels of a pixel at once. */
+static inline __attribute__((always_inline)) void group_attention_slice(
+    const float *restrict x, const float *restrict u_logits, const float *restrict pool_w,
+    const float *restrict assign_w, const float *restrict params, int64_t g, int64_t groups, const int64_t c,
+    int64_t n, float eps, float *restrict y, float *restrict scratch) {
+    /* The maps sit SCRATCH_PAD floats apart beyond their length, so that they are not a multiple of 4 KiB apart
+     * (false load/store dependencies). */
+    const int64_t stride = n + SCRATCH_PAD;
+    float *restrict u = scratch, *restrict pool = scratch + stride, *restrict assign = scratch + 2 * stride;
+    float *restrict weight = scratch + 3 * stride;
+    const float gamma_u = params[0 * groups + g], beta_u = params[1 * groups + g];
+    const float gamma_p = params[2 * groups + g], beta_p = params[3 * groups + g];
+    const float gamma_a = params[4 * groups + g], beta_a = params[5 * groups + g];
+    const float alpha = params[6 * groups + g];
+
+    /* eq. (1): u = sigmoid(normalize(U4U logits)) */
+    const float u_sum = sum_of(u_logits, n);
+    const Norm norm_u = affine_norm(u_sum, centred_square_sum(u_logits, u_sum / (float)n, n), n, gamma_u, beta_u,
+                                    eps);
+    /* eqs. (3), (5): pool and assign logits over x * u, = u * sum_k w_k x_k. Channels beyond the first PAIR_BLOCK
+     * are summed into pool/assign first, PAIR_BLOCK per pass; the last pass adds the first ones and applies u. */
+    const int64_t head = c < PAIR_BLOCK ? c : PAIR_BLOCK;
+    for (int64_t k0 = head; k0 < c; k0 += PAIR_BLOCK) {
+        const int64_t kn = c - k0 < PAIR_BLOCK ? c - k0 : PAIR_BLOCK;
+        for (int64_t i = 0; i < n; ++i) {
+            float p = k0 == head ? 0.f : pool[i], a = k0 == head ? 0.f : assign[i];
+            for (int64_t k = k0; k < k0 + kn; ++k) {
+                p += pool_w[k] * x[k * n + i];
+                a += assign_w[k] * x[k * n + i];
+            }
+            pool[i] = p;
+            assign[i] = a;
+        }
+    }
+    float pool_sum = 0.f, assign_sum = 0.f;
+    for (int64_t i = 0; i < n; ++i) {
+        float p = c > head ? pool[i] : 0.f, a = c > head ? assign[i] : 0.f;
+        for (int64_t k = 0; k < head; ++k) {
+            p += pool_w[k] * x[k * n + i];
+            a += assign_w[k] * x[k * n + i];
+        }
+        const float ui = sigmoid_approx(apply_norm(norm_u, u_logits[i]));
+        u[i] = ui;
+        pool[i] = p * ui;
+        assign[i] = a * ui;
+        pool_sum += p * ui;
+        assign_sum += a * ui;
+    }
+    const float pool_mean = pool_sum / (float)n, assign_mean = assign_sum / (float)n;
+    float pool_sq = 0.f, assign_sq = 0.f;
+    for (int64_t i = 0; i < n; ++i) {
+        pool_sq += (pool[i] - pool_mean) * (pool[i] - pool_mean);
+        assign_sq += (assign[i] - assign_mean) * (assign[i] - assign_mean);
+    }
+    const Norm norm_p = affine_norm(pool_sum, pool_sq, n, gamma_p, beta_p, eps);
+    const Norm norm_a = affine_norm(assign_sum, assign_sq, n, gamma_a, beta_a, eps);
+    /* the assign mask times alpha (eqs. 5, 7); the normalised pool logits and their maximum (for the softmax) */
+    float top = apply_norm(norm_p, pool[0]); /* (not -INFINITY: -ffast-math assumes finite values) */
+    for (int64_t i = 0; i < n; ++i) {
+        assign[i] = alpha * sigmoid_approx(apply_norm(norm_a, assign[i]));
+        pool[i] = apply_norm(norm_p, pool[i]);
+        top = pool[i] > top ? pool[i] : top;
+    }
+    /* softmax numerators; eq. (4) pools x * u, so x's weight is softmax * u (the 1 / total is applied to e_k) */
+    float total = 0.f;
+    for (int64_t i = 0; i < n; ++i) {
+        const float e = exp_approx(pool[i] - top);
+        total += e;
+        weight[i] = e * u[i];
+    }
+    const float inv_total = 1.f / total;
+    /* eq. (4), the weighted-mean reading, e_k = sum_i x_k softmax u; then eqs. (2), (6), (7): y_k = x_k u +
+     * alpha e_k assign. A few channels go through each pass together; more would not fit the vector registers. */
+    for (int64_t k0 = 0; k0 < c; k0 += CHANNEL_BLOCK) {
+        const int64_t kn = c - k0 < CHANNEL_BLOCK ? c - k0 : CHANNEL_BLOCK;
+        const float *restrict xb = x + k0 * n;
+        float *restrict yb = y + k0 * n;
+        float entity[CHANNEL_BLOCK] = {0};
+        for (int64_t i = 0; i < n; ++i)
+            for (int64_t k = 0; k < kn; ++k) entity[k] += xb[k * n + i] * weight[i];
+        for (int64_t k = 0; k < kn; ++k) entity[k] *= inv_total;
+        for (int64_t i = 0; i < n; ++i)
+            for (int64_t k = 0; k < kn; ++k) yb[k * n + i] = xb[k * n + i] * u[i] + entity[k] * assign[i];
+    }
+}
+
+/* group_attention_slice with the channels per group known at compile time for the common widths (branch widths
+ * 60/120/240 with G = 15 give 4/8/16), so that gcc unrolls the channel loops and vectorises over pixels. */
+static void group_attention_slice_any(const float *x, const float *u_logits, const float *pool_w,
+                                      const float *assign_w, const float *params, int64_t g, int64_t groups,
+                                      int64_t c, int64_t n, float eps, float *y, float *scratch) {
+#define SLICE(C) group_attention_slice(x, u_logits, pool_w, assign_w, params, g, groups, C, n, eps, y, scratch)
+    switch (c) {
+        case 1: SLICE(1); break;
+        case 2: SLICE(2); break;
+        case 4: SLICE(4); break;
+        case 8: SLICE(8); break;
+        case 16: SLICE(16); break;
+        default: SLICE(c); break;
+    }
+#undef SLICE
+}
+
+/* ---- the ONNX Runtime plumbing ---------------------------------------------------------------------------- */
+
+static const char *kDomain = "ganet.ops";
+
+static void *create_kernel(const OrtCustomOp *op, const OrtApiEntry *api, const OrtKernelInfo *info) {
+    (void)op;
+    GroupAttentionKernel *k = malloc(sizeof *k);
+    if (!k) return NULL;
+    k->eps = 1e-5f;
+    OrtStatus *st = API(api, KernelInfoGetAttributeFloat)(info, "epsilon", &k->eps);
+    if (st) API(api, ReleaseStatus)(st); /* absent: the paper's default */
+    return k;
+}
+
+static int shape_of(const OrtValue *v, int64_t *dims, size_t max_dims, size_t *count) {
+    OrtTensorTypeAndShapeInfo *info = NULL;
+    OrtStatus *st = API(g_api, GetTensorTypeAndShape)(v, &info);
+    if (st) {
+        API(g_api, ReleaseStatus)(st);
+        return 0;
+    }
+    int ok = 1;
+    st = API(g_api, GetDimensionsCount)(info, count);
+    if (st || *count > max_dims) ok = 0;
+    if (st) API(g_api, ReleaseStatus)(st);
+    if (ok) {
+        st = API(g_api, GetDimensions)(info, dims, *count);
+        if (st) {
+            API(g_api, ReleaseStatus)(st);
+            ok = 0;
+        }
+    }
+    API(g_api, ReleaseTensorTypeAndShapeInfo)(info);
+    return ok;
+}
+
+static const float *input_data(OrtKernelContext *ctx, size_t index, int64_t *dims, size_t *count) {
+    const OrtValue *v = NULL;
+    OrtStatus *st = API(g_api, KernelContextGetInput)(ctx, index, &v);
+    if (st) {
+        API(g_api, ReleaseStatus)(st);
+        return NULL;
+    }
+    if (!shape_of(v, dims, 4, count)) return NULL;
+    void *data = NULL;
+    st = API(g_api, GetTensorMutableData)((OrtValue *)v, &data);
+    if (st) {
+        API(g_api, ReleaseStatus)(st);
+        return NULL;
+    }
+    return data;
+}
+
+static void compute(void *kernel, OrtKernelContext *ctx) {
+    const GroupAttentionKernel *k = kernel;
+    int64_t xd[4], ud[4], wd[4], pd[4];
+    size_t xn = 0, un = 0, wn = 0, pn = 0;
+    const float *x = input_data(ctx, 0, xd, &xn);
+    const float *u4u_w = input_data(ctx, 1, ud, &un);
+    const float *pair_w = input_data(ctx, 2, wd, &wn);
+    const float *params = input_data(ctx, 3, pd, &pn);
+    /* The shapes were fixed when the graph was written; a mismatch means a hand-edited graph: produce no output,
+     * so that ONNX Runtime fails the run instead of this kernel reading out of bounds. */
+    if (!x || !u4u_w || !pair_w || !params || xn != 4 || un != 2 || wn != 3 || pn != 2) return;
+    const int64_t b = xd[0], ch = xd[1], n = xd[2] * xd[3], groups = wd[0], c = wd[2];
+    if (groups < 1 || c * groups != ch || wd[1] != 2 || ud[0] != groups || ud[1] != ch || pd[0] != 7 ||
+        pd[1] != groups || n < 1)
+        return;
+
+    OrtValue *out = NULL;
+    OrtStatus *st = API(g_api, KernelContextGetOutput)(ctx, 0, xd, 4, &out);
+    if (st) {
+        API(g_api, ReleaseStatus)(st);
+        return;
+    }
+    float *y = NULL;
+    st = API(g_api, GetTensorMutableData)(out, (void **)&y);
+    if (st) {
+        API(g_api, ReleaseStatus)(st);
+        return;
+    }
+    /* Scratch: the transposed, padded U4U weight; one sample's (G, N) logits; the slice's four maps. */
+    const int64_t tiles = (groups + GEMM_GROUPS - 1) / GEMM_GROUPS, stride = n + SCRATCH_PAD;
+    const size_t wt_len = (size_t)(tiles * ch * GEMM_GROUPS), logits_len = (size_t)(groups * stride);
+    float *scratch = calloc(wt_len + logits_len + (size_t)(4 * stride), sizeof(float));
+    if (!scratch) return;
+    float *wt = scratch, *logits = scratch + wt_len, *maps = logits + logits_len;
+    for (int64_t g = 0; g < groups; ++g)
+        for (int64_t kk = 0; kk < ch; ++kk)
+            wt[((g / GEMM_GROUPS) * ch + kk) * GEMM_GROUPS + g % GEMM_GROUPS] = u4u_w[g * ch + kk];
+    /* Sample by sample: its (C, N) map (<= 1 MB at 224x224) stays in the L2 cache from the logits to the output. */
+    for (int64_t s = 0; s < b; ++s) {
+        u4u_logits(x + s * ch * n, wt, groups, ch, n, logits, stride);
+        for (int64_t g = 0; g < groups; ++g) {
+            const int64_t offset = (s * ch + g * c) * n;
+            group_attention_slice_any(x + offset, logits + g * stride, pair_w + g * 2 * c, pair_w + g * 2 * c + c,
+                                      params, g, groups, c, n, k->eps, y + offset, maps);
+        }
+    }
+    free(scratch);
+}
+
+static void destroy_kernel(void *kernel) { free(kernel); }
+static const char *op_name(const OrtCustomOp *op) { (void)op; return "GroupAttention"; }
+static const char *op_provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
+static int op_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return ORT_ELEMENT_FLOAT; }
+static size_t op_inputs(const OrtCustomOp *op) { (void)op; return 4; }
+static size_t op_outputs(const OrtCustomOp *op) { (void)op; return 1; }
+static int op_required(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; } /* INPUT_OUTPUT_REQUIRED */
+static int op_memory(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }   /* OrtMemTypeDefault */
+
+static const OrtCustomOp kGroupAttentionOp = {
+    ORT_API_VERSION_USED, create_kernel, op_name, op_provider, op_type, op_inputs, op_type, op_outputs,
+    compute, destroy_kernel, op_required, op_required, op_memory,
+};
+
+/* The entry point OrtApi::RegisterCustomOpsLibrary (Python: SessionOptions.register_custom_ops_library) calls. */
+__attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options,
+                                                                    const OrtApiBase *base) {
+    g_api = base->GetApi(ORT_API_VERSION_USED);
+    if (!g_api) return NULL; /* cannot happen: every ONNX Runtime since 1.13 serves version 13 */
+    OrtCustomOpDomain *domain = NULL;
+    OrtStatus *st = API(g_api, CreateCustomOpDomain)(kDomain, &domain);
+    if (st) return st;
+    st = API(g_api, CustomOpDomainAdd)(domain, &kGroupAttentionOp);
+    if (st) return st;
+    return API(g_api, AddCustomOpDomain)(options, domain);
+}

@@ -1,0 +1,185 @@
+"""The fused Group Attention kernel (ganet/kernels/group_attention.c) and the graph that uses it.
+
+Reference: the PyTorch block in fp32 (its eager forward, which test_group_attention.py ties to the paper's
+equations). Real ONNX Runtime sessions, the real library built by the host's C compiler.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from ganet.export.onnx_export import ImageModel, export_onnx
+from ganet.export.ort_fused import FusionError, _weights, fuse_group_attention, has_fused_ops
+from ganet.kernels import DOMAIN, OP_TYPE, OPSET_VERSION, KernelUnavailable, build_library, library_path, \
+    register_kernels
+from ganet.layers.group_attention import GroupAttention
+from ganet.models import create_model
+from ganet.preprocess import Preprocessing
+
+
+def _randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial GA parameters: alpha != 0 (the pairwise term counts), affine maps away from the identity."""
+    g = torch.Generator().manual_seed(seed)
+    for block in (m for m in module.modules() if isinstance(m, GroupAttention)):
+        with torch.no_grad():
+            for name, lo, hi in (("alpha", -1.5, 1.5), ("u4u_gamma", 0.5, 2.0), ("u4u_beta", -0.5, 0.5),
+                                 ("pool_gamma", 0.5, 3.0), ("pool_beta", -0.5, 0.5), ("assign_gamma", 0.5, 2.0),
+                                 ("assign_beta", -0.5, 0.5)):
+                p = getattr(block, name, None)
+                if p is not None:  # ablations lack some
+                    p.copy_(torch.rand(p.shape, generator=g) * (hi - lo) + lo)
+    return module
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    register_kernels(options)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _single_block_graph(block: GroupAttention, shape: tuple[int, ...]) -> onnx.ModelProto:
+    """One ganet.ops::GroupAttention node with the block's weights; the batch and spatial dims are dynamic."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", shape[1], "h", "w"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", shape[1], "h", "w"])
+    node = helper.make_node(OP_TYPE, ["x", "k.u4u_weight", "k.pair_weight", "k.params"], ["y"], domain=DOMAIN,
+                            epsilon=float(block.eps))
+    graph = helper.make_graph([node], "ga", [x], [y], initializer=_weights(block, "k"))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                   helper.make_opsetid(DOMAIN, OPSET_VERSION)])
+
+
+# (channels, groups, batch, H, W): the paper's widths at the CIFAR and ImageNet stage sizes (C/G = 4, 8, 16, the
+# unrolled paths), a C/G with no unrolled path (6), one channel per group, and maps that are not a multiple of the
+# kernel's 16-pixel tiles (7x9, 5x5, 1x1).
+SHAPES = [(60, 15, 3, 32, 32), (120, 15, 2, 14, 14), (240, 15, 2, 7, 7), (36, 6, 2, 5, 5), (15, 15, 1, 7, 9),
+          (60, 15, 1, 1, 1), (120, 15, 2, 28, 28)]
+
+
+@pytest.mark.parametrize("channels,groups,batch,h,w", SHAPES)
+def test_fused_kernel_matches_the_block(channels, groups, batch, h, w):
+    torch.manual_seed(channels + h)
+    block = _randomise(GroupAttention(channels, groups), seed=h).eval()
+    x = torch.randn(batch, channels, h, w) * 2 + 0.5  # block inputs follow a ReLU in the network; signed here too
+    with torch.no_grad():
+        expected = block(x).numpy()
+    (got,) = _session(_single_block_graph(block, x.shape)).run(None, {"x": x.numpy()})
+    # fp32 rounding through ~60 ops on maps of up to 784 pixels, and a polynomial exp (rel. error < 3e-7)
+    scale = float(np.abs(expected).max())
+    assert got.shape == expected.shape
+    assert np.abs(got - expected).max() <= 2e-5 * max(scale, 1.0), np.abs(got - expected).max()
+
+
+def test_fused_kernel_pairwise_term_is_computed():
+    """A bug that dropped the rank-1 term would still pass with alpha = 0: check alpha changes the output."""
+    block = _randomise(GroupAttention(60, 15)).eval()
+    x = torch.randn(2, 60, 8, 8)
+    session = _session(_single_block_graph(block, x.shape))
+    with_term = session.run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        block.alpha.zero_()
+    without = _session(_single_block_graph(block, x.shape)).run(None, {"x": x.numpy()})[0]
+    assert np.abs(with_term - without).max() > 1e-2
+
+
+def _exported(tmp_path: Path, name: str, **kwargs) -> tuple[onnx.ModelProto, torch.nn.Module, Preprocessing]:
+    torch.manual_seed(0)
+    model = _randomise(create_model(name, **kwargs))
+    # BatchNorm statistics from data, as training leaves them: with the initial ones (mean 0, var 1) activations
+    # shrink layer by layer, the GA blocks see inputs of order 1e-3 and an absolute tolerance would test nothing.
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.reset_running_stats()
+        bn.momentum = None  # a plain average over the batches below
+    with torch.no_grad():
+        model.train()
+        for _ in range(2):
+            model(torch.randn(16, 3, 32, 32))
+        model.fc.weight.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+    model.eval()
+    prep = Preprocessing.for_input_size(32)
+    path = tmp_path / "model.onnx"
+    export_onnx(model, prep, path)
+    return onnx.load(str(path)), model, prep
+
+
+def test_fused_graph_matches_pytorch_and_has_one_node_per_block(tmp_path):
+    proto, model, prep = _exported(tmp_path, "ga_shufflenet_v2_cifar")
+    fused, blocks = fuse_group_attention(proto, ImageModel(model, prep))
+    n_blocks = sum(isinstance(m, GroupAttention) for m in model.modules())
+    assert blocks == n_blocks == 16
+    assert sum(n.domain == DOMAIN for n in fused.graph.node) == 16 and has_fused_ops(fused)
+    assert len(fused.graph.node) < len(proto.graph.node) - 16 * 20  # each block was ~30 nodes
+    onnx.checker.check_model(fused)
+    images = np.random.default_rng(0).integers(0, 256, (8, 3, 32, 32), dtype=np.uint8)
+    wrapped = ImageModel(model, prep)
+    with torch.no_grad():
+        fp32 = wrapped(torch.from_numpy(images)).numpy()
+        exact = wrapped.double()(torch.from_numpy(images)).numpy()  # the function itself, to ~1e-12
+    fp32_error = np.abs(fp32 - exact).max()  # what fp32 arithmetic costs this (randomised, sensitive) network
+    session = _session(fused)
+    for batch in (1, 3, 8):  # dynamic batch: nothing in the fused graph fixes it
+        (logits,) = session.run(None, {"image": images[:batch]})
+        # as close to the exact function as PyTorch's own fp32 forward is (both ~2e-4 on logits of order 2)
+        assert np.abs(logits - exact[:batch]).max() <= 1.5 * fp32_error + 1e-5
+        assert (logits.argmax(1) == exact[:batch].argmax(1)).all()
+    assert np.abs(exact).max() > 1.0 and fp32_error < 1e-3  # the bounds above are not vacuous
+
+
+def test_ablations_and_baselines_are_left_alone(tmp_path):
+    proto, model, prep = _exported(tmp_path, "ga_shufflenet_v2_cifar", attn_kwargs={"use_u4p": False})
+    fused, blocks = fuse_group_attention(proto, ImageModel(model, prep))
+    assert blocks == 0 and not has_fused_ops(fused)
+    base, model, prep = _exported(tmp_path, "shufflenet_v2_cifar")
+    assert fuse_group_attention(base, ImageModel(model, prep))[1] == 0
+
+
+def test_fusion_refuses_a_scope_that_is_not_a_ga_block(tmp_path):
+    proto, model, prep = _exported(tmp_path, "ga_shufflenet_v2_cifar")
+
+    class Renamed(torch.nn.Module):  # the graph's module paths no longer lead to GroupAttention modules
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = torch.nn.Module()
+
+    with pytest.raises(FusionError, match="no module at"):
+        fuse_group_attention(proto, Renamed())
+
+
+def test_no_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("GANET_KERNEL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(KernelUnavailable, match="no C compiler"):
+        library_path()
+
+
+def test_failed_build_leaves_nothing(tmp_path):
+    out = tmp_path / "lib" / "libganet_ops.so"
+    with pytest.raises(KernelUnavailable, match="failed"):
+        build_library(out, cc="false")  # a compiler that exits 1
+    assert not out.exists() and list(out.parent.iterdir()) == []
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("GANET_DISABLE_KERNELS", "1")
+    with pytest.raises(KernelUnavailable, match="GANET_DISABLE_KERNELS"):
+        library_path()
+
+
+def test_library_is_cached_per_source(tmp_path):
+    env = {**os.environ, "GANET_KERNEL_CACHE": str(tmp_path)}
+    code = "from ganet.kernels import library_path; print(library_path())"
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    path = Path(first.stdout.strip())
+    assert path.is_file() and path.is_relative_to(tmp_path)
+    mtime = path.stat().st_mtime_ns
+    again = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert Path(again.stdout.strip()) == path and path.stat().st_mtime_ns == mtime  # not rebuilt
