@@ -245,7 +245,7 @@ def _build(checkpoint: Path, model: Any, info: Any, opts: ExportOptions, tmp: Pa
     if opts.benchmark_rounds > 0:
         _step(log, f"measuring CPU latency ({opts.benchmark_rounds} interleaved rounds)")
         speed = _measure_speed(model, prep, onnx_path, tmp / "model.int8.onnx" if opts.int8 else None, inputs,
-                               opts, log)
+                               opts, log, fused_path=tmp / fused["file"] if fused else None)
 
     (tmp / "labels.txt").write_text("".join(f"{label}\n" for label in info.labels), encoding="utf-8")
     triton = None
@@ -375,7 +375,7 @@ def _tensorrt(onnx_path: Path, plan_path: Path, opts: ExportOptions, inputs: Any
 
 
 def _measure_speed(model: Any, prep: Any, onnx_path: Path, int8_path: Path | None, inputs: Any, opts: ExportOptions,
-                   log: Log) -> dict[str, Any]:
+                   log: Log, fused_path: Path | None = None) -> dict[str, Any]:
     import torch
 
     from ganet.export import parity as P
@@ -386,6 +386,8 @@ def _measure_speed(model: Any, prep: Any, onnx_path: Path, int8_path: Path | Non
             return model(normalize_uint8(torch.from_numpy(images), prep))
 
     runners = {"pytorch_eager_fp32": torch_eager, "onnxruntime_fp32": P.ort_runner(onnx_path, spinning=False)}
+    if fused_path is not None:
+        runners["onnxruntime_fp32_fused"] = P.ort_runner(fused_path, spinning=False, kernels=True)
     if int8_path is not None:
         runners["onnxruntime_int8"] = P.ort_runner(int8_path, spinning=False)
     threads = torch.get_num_threads()

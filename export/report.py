@@ -36,7 +36,7 @@ def render_report(m: dict[str, Any]) -> str:
         "| artifact | batch | max abs dlogit | mean abs dlogit | top-1 agreement | tolerance | result |",
         "|---|---|---|---|---|---|---|",
     ]
-    for kind in ("onnx_before_simplify", "onnx", "tensorrt"):
+    for kind in ("onnx_before_simplify", "onnx", "onnx_fused", "tensorrt"):
         r = m["parity"].get(kind)
         if not r:
             continue

@@ -110,8 +110,8 @@ def photos(size: int = 8) -> np.ndarray:
 
 def test_cli_writes_the_documented_directory(exported, checkpoint):
     out, result = exported
-    assert sorted(p.name for p in out.iterdir()) == ["labels.txt", "manifest.json", "model.int8.onnx", "model.onnx",
-                                                     "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["labels.txt", "manifest.json", "model.fused.onnx",
+                                                     "model.int8.onnx", "model.onnx", "report.md"]
     assert f"wrote {out}" in result.stdout and f"next: ganet-serve {out}" in result.stdout
     assert "[ganet-export] exporting" in result.stdout  # progress for the long steps
     m = load_manifest(out)
@@ -121,7 +121,10 @@ def test_cli_writes_the_documented_directory(exported, checkpoint):
     assert m.input.dynamic_axes == {0: "batch"} and m.input.value_range == (0.0, 255.0)
     assert m.onnx["dynamo"] is True and m.onnx["opset"] == OX.DEFAULT_OPSET and m.onnx["export_batch"] >= 2
     assert m.raw["checkpoint"]["path"] == str(checkpoint.resolve())
-    assert set(m.files) == {"labels.txt", "model.int8.onnx", "model.onnx", "report.md"}
+    assert set(m.files) == {"labels.txt", "model.fused.onnx", "model.int8.onnx", "model.onnx", "report.md"}
+    fused = m.artifact("onnx_fused")  # the CPU graph: each GA block one ganet.ops::GroupAttention node
+    assert fused.file == "model.fused.onnx" and fused.info["blocks"] == 16 and m.onnx["fused_group_attention"] == 16
+    assert m.parity["onnx_fused"]["passed"] and m.parity["onnx_fused"]["max_abs"] <= 1e-4
     assert (out / "labels.txt").read_text().splitlines() == [str(i) for i in range(10)]
     onnx_parity = m.parity["onnx"]
     assert onnx_parity["passed"] and onnx_parity["max_abs"] <= 1e-4 and onnx_parity["top1_agreement"] == 1.0
@@ -130,6 +133,7 @@ def test_cli_writes_the_documented_directory(exported, checkpoint):
     report = (out / "report.md").read_text()
     assert "| onnx | 3 |" in report and "Held-out top-1 on 360 digits images" in report
     assert "onnxruntime_int8" in report  # INT8 latency is reported next to fp32
+    assert "| onnx_fused | 3 |" in report and "onnxruntime_fp32_fused" in report
 
 
 def test_onnx_runs_batch_1_3_and_max_like_pytorch(exported, checkpoint):

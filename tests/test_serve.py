@@ -592,3 +592,25 @@ def test_precision_int8_serves_the_exports_int8_model(export_dir, tmp_path):
     (fp32_only / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BackendError, match="holds no INT8 model: re-export with `ganet-export CHECKPOINT --int8`"):
         load_backend(fp32_only, "auto", precision="int8")
+
+
+def test_cpu_serves_the_fused_graph_and_falls_back_to_the_standard_one(export_dir, monkeypatch, caplog):
+    """ONNX Runtime on the CPU runs model.fused.onnx (GA blocks as one native kernel each) when the kernel builds;
+    --no-fused-kernels, no compiler, or --precision int8 serve the standard graph; the answers agree."""
+    import logging
+
+    prep = Preprocessing.for_input_size(32)
+    images = np.stack([image_to_uint8(img, prep) for img in photos().values()])
+    fused, _ = load_backend(export_dir, "onnxruntime", intra_op_threads=1)
+    standard, _ = load_backend(export_dir, "onnxruntime", intra_op_threads=1, fused_kernels=False)
+    assert (fused.graph, standard.graph) == ("fused", "standard")
+    assert np.abs(fused(images) - standard(images)).max() <= 1e-4  # the export's parity tolerance
+    np.testing.assert_array_equal(fused(images).argmax(1), standard(images).argmax(1))
+    assert load_backend(export_dir, "onnxruntime", intra_op_threads=1, precision="int8")[0].graph == "standard"
+    monkeypatch.setenv("GANET_DISABLE_KERNELS", "1")  # as on a host without a C compiler
+    with caplog.at_level(logging.WARNING, logger="ganet.serve"):
+        fallback, _ = load_backend(export_dir, "onnxruntime", intra_op_threads=1)
+    assert fallback.graph == "standard" and "serving the standard graph: disabled by GANET_DISABLE_KERNELS" in caplog.text
+    np.testing.assert_array_equal(fallback(images), standard(images))
+    settings = ServeSettings(model=export_dir, fused_kernels=False)  # GANET_FUSED_KERNELS=0 / --no-fused-kernels
+    assert settings.fused_kernels is False
