@@ -1,11 +1,12 @@
 """ONNX Runtime (CPU, fp32 and INT8) against PyTorch eager for the exported GA-ShuffleNetV2, and the GA variant's cost
-against its same-width baseline inside ONNX Runtime.
+against its same-width baseline inside ONNX Runtime: with the standard graph (model.onnx) and with the fused one
+(model.fused.onnx, every GA block one ganet.ops::GroupAttention kernel), which ganet-serve runs on CPUs.
 
 Targets (issue 4), on the development machine: ORT fp32 at batch 1 and 32 is >= 2x faster than PyTorch eager for
 ga_shufflenet_v2 (224x224) and ga_shufflenet_v2_cifar (32x32); at batch 32 in ORT, GA costs <= 1.15x its
 same-width baseline (shufflenet_v2_g15 at 224, shufflenet_v2_cifar at 32). Every model is exported exactly as
 ``ganet-export`` does it (uint8 input, normalisation in the graph). Runs are interleaved (torch GA, ORT GA,
-ORT baseline, ORT GA INT8, then again) so that noise from other processes hits all alike; we report each runner's
+ORT GA fused, ORT baseline, ORT GA INT8, then again) so that noise from other processes hits all alike; we report each runner's
 median and the median and spread of the per-round ratios. intra_op threads = torch threads = the core count.
 
     python benchmarks/bench_export_ort.py                 # both sizes, batch 1 and 32, 7 rounds
@@ -28,7 +29,8 @@ import numpy as np
 import torch
 from _stats import spread  # benchmarks/_stats.py (scripts run from this folder)
 
-from ganet.export.onnx_export import export_onnx
+from ganet.export.onnx_export import ImageModel, export_onnx
+from ganet.export.ort_fused import fuse_group_attention
 from ganet.export.parity import ort_runner, photographs
 from ganet.export.quantize import quantize_int8
 from ganet.export.speed import interleaved_times
@@ -51,7 +53,10 @@ def op_profile(path: Path, images: np.ndarray, threads: int, runs: int = 5) -> d
     """Milliseconds per run spent in each ONNX Runtime node type (ORT's profiler; it adds its own overhead)."""
     import onnxruntime as ort
 
+    from ganet.kernels import register_kernels
+
     options = ort.SessionOptions()
+    register_kernels(options)
     options.intra_op_num_threads = threads
     options.enable_profiling = True
     options.profile_file_prefix = str(path.with_suffix(""))
@@ -74,6 +79,10 @@ def bench_size(size: int, batches: list[int], rounds: int, profile: bool, tmp: P
     paths = {name: tmp / f"{name}.onnx" for name in (ga_name, base_name)}
     for model, name in ((ga, ga_name), (base, base_name)):
         export_onnx(model, prep, paths[name], max_batch=max(batches))
+    import onnx
+
+    fused_path = tmp / f"{ga_name}.fused.onnx"
+    onnx.save(fuse_group_attention(onnx.load(str(paths[ga_name])), ImageModel(ga, prep))[0], str(fused_path))
     photos = photographs(prep).images
     int8_path = tmp / f"{ga_name}.int8.onnx"
     quantize_int8(paths[ga_name], int8_path, photos)  # speed only: any calibration set gives the same kernels
@@ -86,6 +95,7 @@ def bench_size(size: int, batches: list[int], rounds: int, profile: bool, tmp: P
 
     # Spinning off: idle ORT threads would otherwise busy-wait through the next runner's turn.
     runners = {"torch_ga": torch_runner(ga), "ort_ga": ort_runner(paths[ga_name], threads, spinning=False),
+               "ort_ga_fused": ort_runner(fused_path, threads, spinning=False, kernels=True),
                "ort_base": ort_runner(paths[base_name], threads, spinning=False),
                "ort_ga_int8": ort_runner(int8_path, threads, spinning=False)}
     result = {"models": {"ga": ga_name, "baseline": base_name}, "by_batch": {}}
@@ -95,22 +105,25 @@ def bench_size(size: int, batches: list[int], rounds: int, profile: bool, tmp: P
         ratios = {
             "ort_speedup_vs_torch": [t / o for t, o in zip(times["torch_ga"], times["ort_ga"])],
             "ga_over_baseline_ort": [g / p for g, p in zip(times["ort_ga"], times["ort_base"])],
+            "ort_fused_speedup_vs_torch": [t / o for t, o in zip(times["torch_ga"], times["ort_ga_fused"])],
+            "ga_fused_over_baseline_ort": [g / p for g, p in zip(times["ort_ga_fused"], times["ort_base"])],
             "int8_speedup_vs_fp32": [f / q for f, q in zip(times["ort_ga"], times["ort_ga_int8"])],
         }
         entry = {"median_ms": {k: 1000 * statistics.median(v) for k, v in times.items()},
                  "ratios": {k: spread(v) for k, v in ratios.items()}}
         if profile:
-            entry["ort_ms_per_op_type"] = {name: op_profile(paths[m], images, threads) for name, m in
-                                           (("ga", ga_name), ("baseline", base_name))}
+            entry["ort_ms_per_op_type"] = {name: op_profile(path, images, threads) for name, path in
+                                           (("ga", paths[ga_name]), ("ga_fused", fused_path),
+                                            ("baseline", paths[base_name]))}
         result["by_batch"][str(b)] = entry
         r = entry["ratios"]
-        print(f"{size}x{size} batch {b:3d}: torch GA {entry['median_ms']['torch_ga']:8.2f} ms | ORT GA "
-              f"{entry['median_ms']['ort_ga']:8.2f} | ORT base {entry['median_ms']['ort_base']:8.2f} | ORT GA int8 "
-              f"{entry['median_ms']['ort_ga_int8']:8.2f} || ORT/torch speed-up {r['ort_speedup_vs_torch']['median']:.2f}x"
-              f" ({r['ort_speedup_vs_torch']['min']:.2f}..{r['ort_speedup_vs_torch']['max']:.2f}) | GA/base "
-              f"{r['ga_over_baseline_ort']['median']:.3f} ({r['ga_over_baseline_ort']['min']:.3f}.."
-              f"{r['ga_over_baseline_ort']['max']:.3f}) | int8 speed-up {r['int8_speedup_vs_fp32']['median']:.2f}x",
-              flush=True)
+        m, r = entry["median_ms"], entry["ratios"]
+        span = lambda k, f=".2f": f"{r[k]['median']:{f}} ({r[k]['min']:{f}}..{r[k]['max']:{f}})"  # noqa: E731
+        print(f"{size}x{size} batch {b:3d}: torch GA {m['torch_ga']:8.2f} ms | ORT GA {m['ort_ga']:8.2f} | fused "
+              f"{m['ort_ga_fused']:8.2f} | base {m['ort_base']:8.2f} | int8 {m['ort_ga_int8']:8.2f}\n"
+              f"    ORT/torch {span('ort_speedup_vs_torch')}x, fused {span('ort_fused_speedup_vs_torch')}x | GA/base "
+              f"{span('ga_over_baseline_ort', '.3f')}, fused {span('ga_fused_over_baseline_ort', '.3f')} | int8 "
+              f"speed-up {span('int8_speedup_vs_fp32')}x", flush=True)
     return result
 
 

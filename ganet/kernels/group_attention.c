@@ -1,10 +1,11 @@
 /* Fused Group Attention for ONNX Runtime on CPUs: the custom op ganet.ops::GroupAttention.
  *
  * The exported GA block (ganet.layers.group_attention.GroupAttention.forward_graph) is memory-bound on a CPU:
- * standard ONNX ops make about nine full passes over the (B, C, H, W) feature map (x * u, two matmuls reading it,
- * the rank-1 term, the sum). This kernel computes everything after the U4U logits matmul group by group: one
- * group's (C/G, H*W) slice fits in the L1/L2 cache, so the slice is read from memory once and the output written
- * once.
+ * standard ONNX ops make about nine full passes over the (B, C, H, W) feature map (the logit matmuls, x * u, the
+ * pooling matmul, the rank-1 term, the sum), each over the whole batch. This kernel runs the block sample by
+ * sample: the U4U logits from a register-tiled matmul, then group by group the masks, the pooled vector and the
+ * output. A sample's (C, H*W) map stays in the L2 cache throughout, so it is read from memory once and the output
+ * written once. Samples run on ONNX Runtime's intra-op thread pool (API 17+, else in order).
  *
  * Inputs (all float32):
  *   0  x         (B, C, H, W)  the block input
@@ -58,6 +59,7 @@ enum {
     API_KernelContextGetOutput = 91,     /* KernelContext_GetOutput */
     API_ReleaseStatus = 93,
     API_ReleaseTensorTypeAndShapeInfo = 99,
+    API_KernelContextParallelFor = 274,  /* KernelContext_ParallelFor, ONNX Runtime >= 1.17 (API version 17) */
 };
 
 typedef void *OrtApiEntry;
@@ -80,10 +82,13 @@ typedef OrtStatus *(*KernelContextGetOutputFn)(OrtKernelContext *ctx, size_t ind
                                                 OrtValue **out);
 typedef void (*ReleaseStatusFn)(OrtStatus *status);
 typedef void (*ReleaseTensorTypeAndShapeInfoFn)(OrtTensorTypeAndShapeInfo *info);
+typedef OrtStatus *(*KernelContextParallelForFn)(const OrtKernelContext *ctx, void (*fn)(void *, size_t),
+                                                  size_t total, size_t num_batch, void *user_data);
 
 #define API(table, name) ((name##Fn)(table)[API_##name])
 
 static const OrtApiEntry *g_api;
+static int g_has_parallel_for; /* the runtime serves API version 17: its intra-op thread pool runs our samples */
 
 /* struct OrtCustomOp as of API version 13 (later versions append fields that ONNX Runtime reads only when the
  * op declares a version that has them). */
@@ -369,6 +374,32 @@ static const float *input_data(OrtKernelContext *ctx, size_t index, int64_t *dim
     return data;
 }
 
+typedef struct {
+    const float *x;
+    float *y;
+    const float *wt, *pair_w, *params;
+    int64_t ch, n, groups, c;
+    float eps;
+} SampleJob;
+
+/* One sample: its U4U logits (G, N), then every group. The sample's (C, N) map (<= 1 MB at 224x224) stays in the
+ * L2 cache from the logits to the output. */
+static void run_sample(void *arg, size_t s) {
+    SampleJob *job = arg;
+    const int64_t ch = job->ch, n = job->n, groups = job->groups, c = job->c, stride = n + SCRATCH_PAD;
+    float *scratch = malloc((size_t)((groups + 4) * stride) * sizeof(float));
+    if (!scratch) return; /* (a few KB; the compute callback has no way to report an error) */
+    float *logits = scratch, *maps = scratch + groups * stride;
+    const float *x = job->x + (int64_t)s * ch * n;
+    float *y = job->y + (int64_t)s * ch * n;
+    u4u_logits(x, job->wt, groups, ch, n, logits, stride);
+    for (int64_t g = 0; g < groups; ++g)
+        group_attention_slice_any(x + g * c * n, logits + g * stride, job->pair_w + g * 2 * c,
+                                  job->pair_w + g * 2 * c + c, job->params, g, groups, c, n, job->eps,
+                                  y + g * c * n, maps);
+    free(scratch);
+}
+
 static void compute(void *kernel, OrtKernelContext *ctx) {
     const GroupAttentionKernel *k = kernel;
     int64_t xd[4], ud[4], wd[4], pd[4];
@@ -397,25 +428,26 @@ static void compute(void *kernel, OrtKernelContext *ctx) {
         API(g_api, ReleaseStatus)(st);
         return;
     }
-    /* Scratch: the transposed, padded U4U weight; one sample's (G, N) logits; the slice's four maps. */
-    const int64_t tiles = (groups + GEMM_GROUPS - 1) / GEMM_GROUPS, stride = n + SCRATCH_PAD;
-    const size_t wt_len = (size_t)(tiles * ch * GEMM_GROUPS), logits_len = (size_t)(groups * stride);
-    float *scratch = calloc(wt_len + logits_len + (size_t)(4 * stride), sizeof(float));
-    if (!scratch) return;
-    float *wt = scratch, *logits = scratch + wt_len, *maps = logits + logits_len;
+    /* The U4U weight transposed and zero-padded into (tiles, C, GEMM_GROUPS), shared by every sample. */
+    const int64_t tiles = (groups + GEMM_GROUPS - 1) / GEMM_GROUPS;
+    float *wt = calloc((size_t)(tiles * ch * GEMM_GROUPS), sizeof(float));
+    if (!wt) return;
     for (int64_t g = 0; g < groups; ++g)
         for (int64_t kk = 0; kk < ch; ++kk)
             wt[((g / GEMM_GROUPS) * ch + kk) * GEMM_GROUPS + g % GEMM_GROUPS] = u4u_w[g * ch + kk];
-    /* Sample by sample: its (C, N) map (<= 1 MB at 224x224) stays in the L2 cache from the logits to the output. */
-    for (int64_t s = 0; s < b; ++s) {
-        u4u_logits(x + s * ch * n, wt, groups, ch, n, logits, stride);
-        for (int64_t g = 0; g < groups; ++g) {
-            const int64_t offset = (s * ch + g * c) * n;
-            group_attention_slice_any(x + offset, logits + g * stride, pair_w + g * 2 * c, pair_w + g * 2 * c + c,
-                                      params, g, groups, c, n, k->eps, y + offset, maps);
-        }
+    SampleJob job = {x, y, wt, pair_w, params, ch, n, groups, c, k->eps};
+    /* Samples are independent: ONNX Runtime's intra-op pool runs them (one thread: in order, on this one). */
+    int done = 0;
+    if (g_has_parallel_for && b > 1) {
+        st = API(g_api, KernelContextParallelFor)(ctx, run_sample, (size_t)b, 0, &job);
+        if (st)
+            API(g_api, ReleaseStatus)(st);
+        else
+            done = 1;
     }
-    free(scratch);
+    if (!done)
+        for (int64_t s = 0; s < b; ++s) run_sample(&job, (size_t)s);
+    free(wt);
 }
 
 static void destroy_kernel(void *kernel) { free(kernel); }
@@ -437,6 +469,7 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
                                                                     const OrtApiBase *base) {
     g_api = base->GetApi(ORT_API_VERSION_USED);
     if (!g_api) return NULL; /* cannot happen: every ONNX Runtime since 1.13 serves version 13 */
+    g_has_parallel_for = base->GetApi(17) != NULL;
     OrtCustomOpDomain *domain = NULL;
     OrtStatus *st = API(g_api, CreateCustomOpDomain)(kDomain, &domain);
     if (st) return st;
