@@ -18,6 +18,11 @@ __all__ = ["ParityInputs", "ParityResult", "ParityError", "TOLERANCES", "photogr
 
 # What "parity" means per artifact kind (the issue's numbers).
 TOLERANCES = {"onnx": {"max_abs": 1e-4, "top1_agreement": 1.0},
+              # model.fused.onnx (ours, not the issue's): the kernel sums in its own order, so it sits as far from
+              # the exact (float64) function as ORT's standard graph does (4.6e-5 vs 4.2e-5 on the test export) but
+              # not at the same point: against PyTorch's fp32 answer -- itself ~1e-4 from the exact one there --
+              # two such implementations can be twice 1e-4 apart.
+              "onnx_fused": {"max_abs": 2e-4, "top1_agreement": 1.0},
               "tensorrt_fp32": {"max_abs": 1e-3, "top1_agreement": 1.0},
               "tensorrt_fp16": {"max_abs": None, "top1_agreement": 0.995}}
 _SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "cat", "hubble_deep_field", "immunohistochemistry")

@@ -195,7 +195,8 @@ def _build(checkpoint: Path, model: Any, info: Any, opts: ExportOptions, tmp: Pa
     log(f"  {len(inputs)} images ({'photographs + ' + dataset + ' held-out split' if dataset else 'photographs'})")
 
     def onnx_parity(path: Path, label: str, kernels: bool = False) -> P.ParityResult:
-        result = P.run_parity(P.ort_runner(path, kernels=kernels), inputs, reference, batches, P.TOLERANCES["onnx"])
+        tolerance = P.TOLERANCES["onnx_fused" if kernels else "onnx"]
+        result = P.run_parity(P.ort_runner(path, kernels=kernels), inputs, reference, batches, tolerance)
         log(f"  {label}: {result.summary()} at batch sizes {batches}")
         if not result.passed:
             raise ExportError(P.failure_message(label, result))

@@ -272,14 +272,19 @@ def test_exposes_the_settings_port_and_entrypoint(final_stage, pyproject):
 
 
 def test_env_names_are_serve_settings(instructions, final_stage):
+    from ganet.kernels import LIBRARY_ENV
+
     text = DOCKERFILE.read_text()
-    for name in set(re.findall(r"\bGANET_([A-Z0-9_]+)", text)):
+    for name in set(re.findall(r"\bGANET_([A-Z0-9_]+)", text)) - {LIBRARY_ENV.removeprefix("GANET_")}:
         assert name.lower() in ServeSettings.model_fields, f"GANET_{name} is not a ServeSettings field"
     env = {}
     for ins in final_stage:
         if ins.cmd == "ENV":
             env.update(dict(re.findall(r"(\w+)=(\S+)", ins.args)))
     assert env["GANET_MODEL"] == "/models/model" and env["GANET_HOST"] == "0.0.0.0"
+    # the fused GA kernel, prebuilt in the kernels stage (the runtime stage has no compiler)
+    copied = [i.args for i in final_stage if i.cmd == "COPY" and "--from=kernels" in i.args]
+    assert copied and env[LIBRARY_ENV] == copied[0].split()[-1], (copied, env)
 
 
 def test_cli_starts_from_ganet_model_alone(monkeypatch, tmp_path, capsys):

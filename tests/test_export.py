@@ -124,7 +124,7 @@ def test_cli_writes_the_documented_directory(exported, checkpoint):
     assert set(m.files) == {"labels.txt", "model.fused.onnx", "model.int8.onnx", "model.onnx", "report.md"}
     fused = m.artifact("onnx_fused")  # the CPU graph: each GA block one ganet.ops::GroupAttention node
     assert fused.file == "model.fused.onnx" and fused.info["blocks"] == 16 and m.onnx["fused_group_attention"] == 16
-    assert m.parity["onnx_fused"]["passed"] and m.parity["onnx_fused"]["max_abs"] <= 1e-4
+    assert m.parity["onnx_fused"]["passed"] and m.parity["onnx_fused"]["max_abs"] <= 2e-4
     assert (out / "labels.txt").read_text().splitlines() == [str(i) for i in range(10)]
     onnx_parity = m.parity["onnx"]
     assert onnx_parity["passed"] and onnx_parity["max_abs"] <= 1e-4 and onnx_parity["top1_agreement"] == 1.0

@@ -21,16 +21,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DOMAIN", "OP_TYPE", "SOURCE", "KernelUnavailable", "library_path", "build_library", "compile_flags",
-           "register_kernels"]
+__all__ = ["DOMAIN", "OP_TYPE", "SOURCE", "LIBRARY_ENV", "KernelUnavailable", "library_path", "build_library",
+           "compile_flags", "register_kernels"]
 
 DOMAIN = "ganet.ops"
 OP_TYPE = "GroupAttention"
 OPSET_VERSION = 1
 SOURCE = Path(__file__).with_name("group_attention.c")
 LIBRARY_NAME = "libganet_ops.so"
-# A library shipped inside the package (a Docker image's build stage puts one here): used before compiling.
-PREBUILT = Path(__file__).with_name(LIBRARY_NAME)
+# A prebuilt library (the Docker image builds one for x86-64-v3 and sets this): used instead of compiling.
+LIBRARY_ENV = "GANET_KERNEL_LIBRARY"
 
 
 class KernelUnavailable(RuntimeError):
@@ -61,9 +61,13 @@ def build_library(output: Path, march: str = "native", cc: str | None = None) ->
     if platform.system() != "Linux":
         raise KernelUnavailable(f"the fused kernel is built for Linux only (this is {platform.system()})")
     cc = cc or _compiler()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=output.parent)
-    os.close(fd)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=output.parent)
+        os.close(fd)
+    except OSError as e:
+        raise KernelUnavailable(f"cannot write the kernel library to {output.parent}: {e} (set GANET_KERNEL_CACHE "
+                                "to a writable directory)") from e
     try:
         cmd = [cc, *compile_flags(march), "-o", tmp, str(SOURCE), "-lm"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -79,11 +83,14 @@ def build_library(output: Path, march: str = "native", cc: str | None = None) ->
 
 
 def library_path() -> Path:
-    """The custom-op library for this host: the packaged one, else a cached build, else built now (~1 s)."""
+    """The custom-op library for this host: $GANET_KERNEL_LIBRARY, else a cached build, else built now (~1 s)."""
     if os.environ.get("GANET_DISABLE_KERNELS"):
         raise KernelUnavailable("disabled by GANET_DISABLE_KERNELS")
-    if PREBUILT.is_file():
-        return PREBUILT
+    if os.environ.get(LIBRARY_ENV):
+        prebuilt = Path(os.environ[LIBRARY_ENV])
+        if not prebuilt.is_file():
+            raise KernelUnavailable(f"{LIBRARY_ENV}={prebuilt} does not exist")
+        return prebuilt
     cc = _compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     key = hashlib.sha256()

@@ -469,6 +469,16 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
                                                                     const OrtApiBase *base) {
     g_api = base->GetApi(ORT_API_VERSION_USED);
     if (!g_api) return NULL; /* cannot happen: every ONNX Runtime since 1.13 serves version 13 */
+    /* A library built for newer instructions (python -m ganet.kernels --march x86-64-v3) refuses to load on a CPU
+     * without them instead of dying of SIGILL in the first run; the caller then serves the standard graph. */
+#if defined(__x86_64__) && defined(__AVX512F__)
+    if (!__builtin_cpu_supports("avx512f"))
+        return API(g_api, CreateStatus)(ORT_FAIL, "libganet_ops.so was built for AVX-512; this CPU lacks it");
+#endif
+#if defined(__x86_64__) && defined(__AVX2__) && defined(__FMA__)
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma"))
+        return API(g_api, CreateStatus)(ORT_FAIL, "libganet_ops.so was built for AVX2 + FMA; this CPU lacks them");
+#endif
     g_has_parallel_for = base->GetApi(17) != NULL;
     OrtCustomOpDomain *domain = NULL;
     OrtStatus *st = API(g_api, CreateCustomOpDomain)(kDomain, &domain);
