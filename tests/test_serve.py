@@ -604,7 +604,7 @@ def test_cpu_serves_the_fused_graph_and_falls_back_to_the_standard_one(export_di
     fused, _ = load_backend(export_dir, "onnxruntime", intra_op_threads=1)
     standard, _ = load_backend(export_dir, "onnxruntime", intra_op_threads=1, fused_kernels=False)
     assert (fused.graph, standard.graph) == ("fused", "standard")
-X
+    assert np.abs(fused(images) - standard(images)).max() <= 2e-4  # the export's fused-graph tolerance
     np.testing.assert_array_equal(fused(images).argmax(1), standard(images).argmax(1))
     assert load_backend(export_dir, "onnxruntime", intra_op_threads=1, precision="int8")[0].graph == "standard"
     monkeypatch.setenv("GANET_DISABLE_KERNELS", "1")  # as on a host without a C compiler
