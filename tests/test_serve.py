@@ -608,8 +608,13 @@ def test_cpu_serves_the_fused_graph_and_falls_back_to_the_standard_one(export_di
     np.testing.assert_array_equal(fused(images).argmax(1), standard(images).argmax(1))
     assert load_backend(export_dir, "onnxruntime", intra_op_threads=1, precision="int8")[0].graph == "standard"
     monkeypatch.setenv("GANET_DISABLE_KERNELS", "1")  # as on a host without a C compiler
-    with caplog.at_level(logging.WARNING, logger="ganet.serve"):
-        fallback, _ = load_backend(export_dir, "onnxruntime", intra_op_threads=1)
+    logger = logging.getLogger("ganet.serve")  # (the service's own logging setup may stop propagation to root)
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="ganet.serve"):
+            fallback, _ = load_backend(export_dir, "onnxruntime", intra_op_threads=1)
+    finally:
+        logger.removeHandler(caplog.handler)
     assert fallback.graph == "standard" and "serving the standard graph: disabled by GANET_DISABLE_KERNELS" in caplog.text
     np.testing.assert_array_equal(fallback(images), standard(images))
     settings = ServeSettings(model=export_dir, fused_kernels=False)  # GANET_FUSED_KERNELS=0 / --no-fused-kernels
