@@ -69,7 +69,7 @@ def build_library(output: Path, march: str = "native", cc: str | None = None) ->
         raise KernelUnavailable(f"cannot write the kernel library to {output.parent}: {e} (set GANET_KERNEL_CACHE "
                                 "to a writable directory)") from e
     try:
-        cmd = [cc, *compile_flags(march), "-o", tmp, str(SOURCE), "-lm"]
+        cmd = [cc, *compile_flags(march), "-o", tmp, str(SOURCE), "-lm", "-pthread"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise KernelUnavailable(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
