@@ -12,7 +12,8 @@ Checks, in order (any failure prints the container's log and exits 1):
    classes and softmax scores (within 1e-4) as model.onnx run here on the same decoded image;
 4. the stop signal (SIGTERM, from the image's STOPSIGNAL) -> exit code 0 within --grace seconds.
 
-Prints one JSON line of timings. Needs only the Python standard library unless a reference check runs.
+Prints one JSON line of timings, and which ONNX graph the service ran on the CPU according to its log ("fused":
+the image's prebuilt Group Attention kernel loaded; "standard": it did not, and the log says why). Needs only the Python standard library unless a reference check runs.
 """
 from __future__ import annotations
 
@@ -112,8 +113,10 @@ def _reference_top5(export: Path, photo: bytes) -> tuple[list[int], list[float]]
 
 
 def run_smoke_test(export: Path, image: str, engine: list[str], run_args: list[str], host_network: bool = False,
-                   photo: bytes | None = None, ready_timeout: float = 90, grace: float = 20) -> dict[str, float]:
-    """The four checks of the module docstring; returns timings in seconds. Raises SmokeFailure."""
+                   photo: bytes | None = None, ready_timeout: float = 90,
+                   grace: float = 20) -> dict[str, float | str | None]:
+    """The four checks of the module docstring; returns timings in seconds and the ``graph`` the service ran
+    (None: no such log line, e.g. a GPU backend). Raises SmokeFailure."""
     export = Path(export).resolve()
     if not (export / "manifest.json").is_file():
         raise SmokeFailure(f"{export} is not a ganet export: no manifest.json (make one with ganet-export)")
@@ -122,7 +125,7 @@ def run_smoke_test(export: Path, image: str, engine: list[str], run_args: list[s
     name = f"ganet-smoke-{uuid.uuid4().hex[:10]}"
     network = ["--network", "host", "-e", f"GANET_PORT={port}"] if host_network else ["-p", f"127.0.0.1:{port}:8000"]
     base = f"http://127.0.0.1:{port}"
-    timings: dict[str, float] = {}
+    timings: dict[str, float | str | None] = {}
     _run([*engine, "run", "-d", "--name", name, *network, "-v", f"{export}:/models/model:ro", *run_args, image],
          timeout=120)
     try:
@@ -180,6 +183,7 @@ def run_smoke_test(export: Path, image: str, engine: list[str], run_args: list[s
             if code != "0" or timings["stop_s"] >= grace:
                 raise SmokeFailure(f"after SIGTERM: exit code {code} in {timings['stop_s']:.1f} s (expected 0 "
                                    f"within {grace:g} s)")
+            timings["graph"] = _graph_from_log(_run([*engine, "logs", name], check=False))
         except SmokeFailure:
             logs = _run([*engine, "logs", name], check=False)
             print(f"--- container log ({name}) ---\n{logs.stdout}{logs.stderr}", file=sys.stderr)
@@ -187,6 +191,18 @@ def run_smoke_test(export: Path, image: str, engine: list[str], run_args: list[s
     finally:
         _run([*engine, "rm", "-f", name], check=False)
     return timings
+
+
+def _graph_from_log(logs: subprocess.CompletedProcess) -> str | None:
+    """The ``"event": "graph"`` line of the service's JSON log: which ONNX graph ONNX Runtime runs on the CPU."""
+    for line in (logs.stdout + logs.stderr).splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("event") == "graph":
+            return entry.get("graph")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     except (SmokeFailure, OSError, subprocess.TimeoutExpired) as e:
         print(f"smoke_test: FAILED: {e}", file=sys.stderr)
         return 1
-    print(json.dumps({"ok": True, "image": args.image, **{k: round(v, 6) for k, v in timings.items()}}))
+    print(json.dumps({"ok": True, "image": args.image,
+                      **{k: round(v, 6) if isinstance(v, float) else v for k, v in timings.items()}}))
     return 0
 
 

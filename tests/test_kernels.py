@@ -180,6 +180,7 @@ def test_library_is_cached_per_source(tmp_path):
     first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     path = Path(first.stdout.strip())
     assert path.is_file() and path.is_relative_to(tmp_path)
+    assert path.stat().st_mode & 0o777 == 0o755  # another user (a container's service user) can load it
     mtime = path.stat().st_mtime_ns
     again = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert Path(again.stdout.strip()) == path and path.stat().st_mtime_ns == mtime  # not rebuilt

@@ -73,6 +73,8 @@ def build_library(output: Path, march: str = "native", cc: str | None = None) ->
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise KernelUnavailable(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
+        os.chmod(tmp, 0o755)  # readable by every user, like any shared library (mkstemp made it 0600; the linker
+        # keeps an existing file's mode, and dlopen needs read permission: a service user could not load it)
         os.replace(tmp, output)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise KernelUnavailable(f"building {SOURCE.name} failed: {e}") from e
