@@ -133,6 +133,15 @@ def test_fused_graph_matches_pytorch_and_has_one_node_per_block(tmp_path):
         assert (logits.argmax(1) == exact[:batch].argmax(1)).all()
     assert np.abs(exact).max() > 1.0 and fp32_error < 1e-3  # the bounds above are not vacuous
 
+    # A node whose weights do not match its input (only a hand-edited graph can have one) makes the kernel leave
+    # its output unset, and the run fails instead of answering with numbers.
+    broken = onnx.ModelProto()
+    broken.CopyFrom(fused)
+    params = next(t for t in broken.graph.initializer if t.name.endswith(".params"))
+    params.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(params)[:6].copy(), params.name))
+    with pytest.raises(Exception, match="Missing Input"):
+        _session(broken).run(None, {"image": images[:2]})
+
 
 def test_ablations_and_baselines_are_left_alone(tmp_path):
     proto, model, prep = _exported(tmp_path, "ga_shufflenet_v2_cifar", attn_kwargs={"use_u4p": False})
