@@ -98,6 +98,12 @@ class OnnxRuntimeBackend:
                             extra={"event": "graph", "graph": "standard", "reason": str(e)})
         self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
         self.device = self.session.get_providers()[0]
+        if self.device == "CUDAExecutionProvider":
+            from ganet.serve.gpu_memory import nvml_device_memory
+
+            used = nvml_device_memory(0)  # the CUDA EP's default device
+            if used is not None:
+                self.gpu_memory_bytes = used  # read by the /metrics gauge, as the other backends' method is
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
 

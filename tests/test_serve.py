@@ -619,3 +619,20 @@ def test_cpu_serves_the_fused_graph_and_falls_back_to_the_standard_one(export_di
     np.testing.assert_array_equal(fallback(images), standard(images))
     settings = ServeSettings(model=export_dir, fused_kernels=False)  # GANET_FUSED_KERNELS=0 / --no-fused-kernels
     assert settings.fused_kernels is False
+
+
+def test_nvml_gpu_memory_for_the_onnxruntime_cuda_backend(monkeypatch):
+    """ONNX Runtime's CUDA EP has no memory query; the gauge reads NVML. No NVIDIA driver exists here, so a stand-in
+    pynvml module plays the driver (the only mock in this file); without pynvml the metric is absent, not wrong."""
+    import sys
+    import types
+
+    from ganet.serve.gpu_memory import nvml_device_memory
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed
+    assert nvml_device_memory(0) is None
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: ("gpu", i),
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used=3 * 2**30 if h == ("gpu", 1) else 0))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    assert nvml_device_memory(1)() == 3 * 2**30
