@@ -37,6 +37,9 @@ class KernelUnavailable(RuntimeError):
     """The custom-op library cannot be built or loaded here; the standard ONNX graph must be used instead."""
 
 
+LINK_FLAGS = ["-lm", "-pthread"]
+
+
 def compile_flags(march: str = "native") -> list[str]:
     # -ffast-math lets gcc vectorise the reductions; the kernel's own exp keeps its accuracy (see the source).
     return ["-O3", f"-march={march}", "-ffast-math", "-fPIC", "-shared", "-fvisibility=hidden"]
@@ -69,7 +72,7 @@ def build_library(output: Path, march: str = "native", cc: str | None = None) ->
         raise KernelUnavailable(f"cannot write the kernel library to {output.parent}: {e} (set GANET_KERNEL_CACHE "
                                 "to a writable directory)") from e
     try:
-        cmd = [cc, *compile_flags(march), "-o", tmp, str(SOURCE), "-lm", "-pthread"]
+        cmd = [cc, *compile_flags(march), "-o", tmp, str(SOURCE), *LINK_FLAGS]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise KernelUnavailable(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
@@ -96,7 +99,7 @@ def library_path() -> Path:
     cc = _compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(compile_flags()).encode(), "".join(version).encode(),
+    for part in (SOURCE.read_bytes(), " ".join(compile_flags() + LINK_FLAGS).encode(), "".join(version).encode(),
                  platform.machine().encode(), _cpu_flags().encode()):
         key.update(part)
     path = _cache_dir() / key.hexdigest()[:16] / LIBRARY_NAME
