@@ -227,10 +227,10 @@ def _build(checkpoint: Path, model: Any, info: Any, opts: ExportOptions, tmp: Pa
     onnx_meta["tensorrt_op_check"] = "passed"
 
     artifacts: list[dict[str, Any]] = [{"kind": "onnx", "file": "model.onnx", "precision": "fp32"}]
-    fused = _fused(exported, model, prep, tmp, onnx_parity, log)
+    fused, fused_parity = _fused(exported, model, prep, tmp, onnx_parity, log) or (None, None)
     if fused is not None:
         artifacts.append(fused)
-        parity["onnx_fused"] = fused.pop("parity")
+        parity["onnx_fused"] = fused_parity.to_dict()
     onnx_meta["fused_group_attention"] = fused["blocks"] if fused else None
     if opts.int8:
         artifacts.append(_int8(onnx_path, tmp / "model.int8.onnx", prep, dataset, opts, inputs, reference, parity,
@@ -287,9 +287,10 @@ def _build(checkpoint: Path, model: Any, info: Any, opts: ExportOptions, tmp: Pa
 
 
 def _fused(proto: Any, model: Any, prep: Any, tmp: Path, onnx_parity: Callable[..., Any],
-           log: Log) -> dict[str, Any] | None:
+           log: Log) -> tuple[dict[str, Any], Any] | None:
     """``model.fused.onnx`` (GA blocks as one custom op each, for ONNX Runtime on CPUs), parity-checked like
-    ``model.onnx``; None when the model has no GA block or the kernel cannot be built here (logged)."""
+    ``model.onnx``: (its manifest artifact entry, its ParityResult); None when the model has no GA block or the
+    kernel cannot be built here (logged)."""
     import onnx
 
     from ganet.export.onnx_export import ImageModel
@@ -309,8 +310,8 @@ def _fused(proto: Any, model: Any, prep: Any, tmp: Path, onnx_parity: Callable[.
         log(f"  skipped: {e}\n  (serving falls back to model.onnx; the fused graph is only a CPU speed-up)")
         return None
     log(f"  done in {time.perf_counter() - t:.1f}s; {len(fused.graph.node)} nodes instead of {len(proto.graph.node)}")
-    return {"kind": "onnx_fused", "file": FUSED_FILE, "precision": "fp32", "blocks": blocks,
-            "custom_op": "ganet.ops::GroupAttention (ganet/kernels/group_attention.c)", "parity": result.to_dict()}
+    return ({"kind": "onnx_fused", "file": FUSED_FILE, "precision": "fp32", "blocks": blocks,
+             "custom_op": "ganet.ops::GroupAttention (ganet/kernels/group_attention.c)"}, result)
 
 
 def _cpu_name() -> str:

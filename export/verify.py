@@ -112,8 +112,7 @@ def _rerun_parity(m: Manifest, result: VerifyResult, changed: set[str], log: Cal
     dataset = P.dataset_of(info.extra, prep)
     inputs = P.parity_inputs(prep, dataset)
     reference = P.torch_reference(model, prep, inputs.images)
-    recorded = m.parity.get("onnx", {})
-    batches = [int(b) for b in recorded.get("by_batch", {})] or parity_batch_sizes(m.max_batch)
+    batches = [int(b) for b in m.parity.get("onnx", {}).get("by_batch", {})] or parity_batch_sizes(m.max_batch)
     onnx_file = m.path(m.artifact("onnx"))
 
     def recheck(key: str, label: str, runner: Any) -> None:

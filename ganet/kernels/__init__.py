@@ -12,6 +12,7 @@ Imports neither torch nor onnxruntime.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -97,13 +98,20 @@ def library_path() -> Path:
             raise KernelUnavailable(f"{LIBRARY_ENV}={prebuilt} does not exist")
         return prebuilt
     cc = _compiler()
+    path = _cache_dir() / _build_key(cc) / LIBRARY_NAME
+    return path if path.is_file() else build_library(path, cc=cc)
+
+
+@functools.lru_cache(maxsize=None)
+def _build_key(cc: str) -> str:
+    """What a build depends on: source, flags, compiler, CPU. Once per process: every ONNX Runtime session (each
+    serving instance, each parity and timing runner) asks for the library, and `cc --version` is a subprocess."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), " ".join(compile_flags() + LINK_FLAGS).encode(), "".join(version).encode(),
                  platform.machine().encode(), _cpu_flags().encode()):
         key.update(part)
-    path = _cache_dir() / key.hexdigest()[:16] / LIBRARY_NAME
-    return path if path.is_file() else build_library(path, cc=cc)
+    return key.hexdigest()[:16]
 
 
 def _cpu_flags() -> str:

@@ -171,24 +171,19 @@ static inline Norm affine_norm(float sum, float centred_squares, int64_t n, floa
 static inline float apply_norm(Norm nm, float a) { return (a - nm.mean) * nm.scale + nm.beta; }
 
 #define SCRATCH_PAD 48
-#ifndef CHANNEL_BLOCK
-#define CHANNEL_BLOCK 4
-#endif
-#ifndef PAIR_BLOCK
-#define PAIR_BLOCK 8
-#endif
+#define CHANNEL_BLOCK 4 /* channels per entity/output pass (measured best of 2, 4, 8 for C/G = 4, 8, 16) */
+#define PAIR_BLOCK 8    /* channels per pool/assign pass (measured best of 4, 8, 16) */
 
 /* The U4U logits of one sample, (G, C) @ (C, N) -> (G, N) (eq. 1's 1x1 conv, without its bias): tiles of
  * GEMM_PIXELS pixels x GEMM_GROUPS groups accumulate in registers over all C channels, so x is read once per group
  * tile and the logits written once. ``wt`` is the weight transposed and zero-padded to (tiles, C, GEMM_GROUPS). */
-#ifndef GEMM_PIXELS /* measured on a Zen 4 (AVX-512): 16 x 16 runs 2-3x faster than 8 x 8 at 32x32 maps */
+/* measured on a Zen 4 (AVX-512): 16 x 16 runs 2-3x faster than 8 x 8 at 32x32 maps */
 #if defined(__AVX512F__)
 #define GEMM_PIXELS 16 /* 16 accumulators of 16 lanes: half the 32 vector registers */
 #define GEMM_GROUPS 16
 #else
 #define GEMM_PIXELS 8 /* AVX2: 16 registers, so 8 accumulators of 8 lanes */
 #define GEMM_GROUPS 8
-#endif
 #endif
 typedef float pixels_v __attribute__((vector_size(GEMM_PIXELS * sizeof(float))));
 
@@ -219,7 +214,7 @@ static void u4u_logits(const float *restrict x, const float *restrict wt, int64_
 }
 
 /* One (sample, group): x and y are (c, n) slices, u_logits is (n); scratch holds 4 (n + SCRATCH_PAD) floats.
- * Eight passes over the group's maps, every one over data in the L1/L2 cache; the channel loops are unrolled where
+ * A handful of passes over the group's maps, every one over data in the L1/L2 cache; the channel loops are unrolled where
  * the caller passes a constant c, so each pass reads all c channels of a pixel at once. */
 static inline __attribute__((always_inline)) void group_attention_slice(
     const float *restrict x, const float *restrict u_logits, const float *restrict pool_w,
