@@ -49,14 +49,16 @@ def build(name: str) -> torch.nn.Module:
     return create_model(name).eval()
 
 
-def op_profile(path: Path, images: np.ndarray, threads: int, runs: int = 5) -> dict[str, float]:
-    """Milliseconds per run spent in each ONNX Runtime node type (ORT's profiler; it adds its own overhead)."""
+def op_profile(path: Path, images: np.ndarray, threads: int, runs: int = 5, kernels: bool = False) -> dict[str, float]:
+    """Milliseconds per run spent in each ONNX Runtime node type (ORT's profiler; it adds its own overhead);
+    ``kernels``: the graph is model.fused.onnx, which needs ganet's custom-op library."""
     import onnxruntime as ort
 
     from ganet.kernels import register_kernels
 
     options = ort.SessionOptions()
-    register_kernels(options)
+    if kernels:
+        register_kernels(options)
     options.intra_op_num_threads = threads
     options.enable_profiling = True
     options.profile_file_prefix = str(path.with_suffix(""))
@@ -112,11 +114,10 @@ def bench_size(size: int, batches: list[int], rounds: int, profile: bool, tmp: P
         entry = {"median_ms": {k: 1000 * statistics.median(v) for k, v in times.items()},
                  "ratios": {k: spread(v) for k, v in ratios.items()}}
         if profile:
-            entry["ort_ms_per_op_type"] = {name: op_profile(path, images, threads) for name, path in
-                                           (("ga", paths[ga_name]), ("ga_fused", fused_path),
-                                            ("baseline", paths[base_name]))}
+            entry["ort_ms_per_op_type"] = {
+                name: op_profile(path, images, threads, kernels=name == "ga_fused") for name, path in
+                (("ga", paths[ga_name]), ("ga_fused", fused_path), ("baseline", paths[base_name]))}
         result["by_batch"][str(b)] = entry
-        r = entry["ratios"]
         m, r = entry["median_ms"], entry["ratios"]
         span = lambda k, f=".2f": f"{r[k]['median']:{f}} ({r[k]['min']:{f}}..{r[k]['max']:{f}})"  # noqa: E731
         print(f"{size}x{size} batch {b:3d}: torch GA {m['torch_ga']:8.2f} ms | ORT GA {m['ort_ga']:8.2f} | fused "

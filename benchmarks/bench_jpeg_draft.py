@@ -33,8 +33,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ganet.preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocessing, image_to_uint8
+from ganet.export.parity import torch_reference
+from ganet.preprocess import Preprocessing, image_to_uint8, normalize
 from ganet.serve.images import DRAFT_MARGIN, DRAFT_MIN_PIXELS, jpeg_draft_scale
+from ganet.serve.routes_classify import softmax
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,8 +127,7 @@ def default_model(photos: dict[str, Image.Image], prep: Preprocessing):
             x = int(torch.randint(0, t.shape[2] - s + 1, (1,), generator=g))
             crops.append(torch.nn.functional.interpolate(t[None, :, y:y + s, x:x + s], size=prep.input_size,
                                                          mode="bilinear", antialias=True)[0])
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    x = (torch.stack(crops) - mean) / std
+    x = normalize(torch.stack(crops), prep)
     for m in model.modules():
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.reset_running_stats()
@@ -138,26 +139,9 @@ def default_model(photos: dict[str, Image.Image], prep: Preprocessing):
     return model.eval()
 
 
-def logits_of(model, prep: Preprocessing, images: np.ndarray, batch: int = 16) -> np.ndarray:
-    import torch
-
-    from ganet.preprocess import normalize_uint8
-
-    out = []
-    with torch.inference_mode():
-        for i in range(0, len(images), batch):
-            out.append(model(normalize_uint8(torch.from_numpy(images[i:i + batch]), prep)).float().numpy())
-    return np.concatenate(out)
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
 def agreement(full: np.ndarray, draft: np.ndarray, full_px: np.ndarray, draft_px: np.ndarray) -> dict:
     """Answers and inputs on drafted images against the same images fully decoded."""
-    pf, pd = softmax(full.astype(np.float64)), softmax(draft.astype(np.float64))
+    pf, pd = softmax(full), softmax(draft)
     dl = np.abs(full - draft)
     dpx = np.abs(full_px.astype(np.int16) - draft_px.astype(np.int16)).astype(np.float64)
     mse = (dpx ** 2).reshape(len(dpx), -1).mean(axis=1)
@@ -231,7 +215,7 @@ def main() -> None:
     jpegs = corpus(photos, args.quality)
     sizes_of = {name: Image.open(io.BytesIO(data)).size for name, data in jpegs}
     full_px = np.stack([decode(data, prep, 1) for _, data in jpegs])  # (N, 3, S, S)
-    full = logits_of(model, prep, full_px)
+    full = torch_reference(model, prep, full_px)
     results["corpus"] = {"images": len(jpegs), "quality": args.quality, "sizes": sizes_of}
     results["logit_std_across_images"] = float(full.std(axis=0).mean())
     print(f"\n{len(jpegs)} large JPEGs (q{args.quality}; 1080 to 4096 px); logits' std across images "
@@ -245,7 +229,7 @@ def main() -> None:
         if not idx:
             continue
         draft_px = np.stack([decode(jpegs[i][1], prep, scales[i]) for i in idx])
-        row = agreement(full[idx], logits_of(model, prep, draft_px), full_px[idx], draft_px)
+        row = agreement(full[idx], torch_reference(model, prep, draft_px), full_px[idx], draft_px)
         row["scales"] = {str(s): scales.count(s) for s in sorted(set(scales))}
         results["agreement"][str(margin)] = row
         print(f"{margin:6g}{len(idx):8d}{str(row['scales']):>14}{row['top1_agreement']:11.1%}"
@@ -255,7 +239,7 @@ def main() -> None:
     # For scale: the same images decoded fully after one more save at q85, i.e. what a re-save does to the answers.
     resaved = [encode(Image.open(io.BytesIO(data)).convert("RGB"), 85) for _, data in jpegs]
     resaved_px = np.stack([decode(data, prep, 1) for data in resaved])
-    row = agreement(full, logits_of(model, prep, resaved_px), full_px, resaved_px)
+    row = agreement(full, torch_reference(model, prep, resaved_px), full_px, resaved_px)
     results["reference_resave_q85"] = row
     print(f"{'q85':>6}{len(jpegs):8d}{'(full)':>14}{row['top1_agreement']:11.1%}"
           f"{row['top5_overlap']:9.1%}{row['max_abs_dlogit']:12.4f}{row['mean_abs_dlogit']:13.5f}"

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -100,14 +100,13 @@ def _reference_top5(export: Path, photo: bytes) -> tuple[list[int], list[float]]
 
         from ganet.export.manifest import load_manifest
         from ganet.serve.images import decode_image
+        from ganet.serve.routes_classify import softmax  # the service's own scores
     except ImportError:
         return None
     manifest = load_manifest(export)
     image = decode_image(photo, manifest.preprocessing, 50_000_000)[None]
     session = ort.InferenceSession(str(export / "model.onnx"), providers=["CPUExecutionProvider"])
-    logits = session.run(None, {session.get_inputs()[0].name: image})[0][0].astype(np.float64)
-    probs = np.exp(logits - logits.max())
-    probs /= probs.sum()
+    probs = softmax(session.run(None, {session.get_inputs()[0].name: image})[0][0])
     order = np.argsort(-probs, kind="stable")[:5]
     return [int(i) for i in order], [float(probs[i]) for i in order]
 
@@ -219,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ready-timeout", type=float, default=90, help="seconds to wait for ready (default: 90)")
     p.add_argument("--grace", type=float, default=20, help="`stop -t` seconds; exit 0 must come sooner (default: 20)")
     args = p.parse_args(argv)
-    engine = shlex.split(args.engine) if args.engine else ["docker" if _which("docker") else "podman"]
+    engine = shlex.split(args.engine) if args.engine else ["docker" if shutil.which("docker") else "podman"]
     try:
         photo = args.photo.read_bytes() if args.photo else None
         timings = run_smoke_test(args.export, args.image, engine, shlex.split(args.run_args), args.host_network,
@@ -230,10 +229,6 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"ok": True, "image": args.image,
                       **{k: round(v, 6) if isinstance(v, float) else v for k, v in timings.items()}}))
     return 0
-
-
-def _which(cmd: str) -> bool:
-    return any(os.access(os.path.join(d, cmd), os.X_OK) for d in os.environ.get("PATH", "").split(os.pathsep) if d)
 
 
 if __name__ == "__main__":
