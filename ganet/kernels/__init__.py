@@ -98,17 +98,17 @@ def library_path() -> Path:
             raise KernelUnavailable(f"{LIBRARY_ENV}={prebuilt} does not exist")
         return prebuilt
     cc = _compiler()
-    path = _cache_dir() / _build_key(cc) / LIBRARY_NAME
+    path = _cache_dir() / _build_key(cc, SOURCE) / LIBRARY_NAME
     return path if path.is_file() else build_library(path, cc=cc)
 
 
 @functools.lru_cache(maxsize=None)
-def _build_key(cc: str) -> str:
+def _build_key(cc: str, source: Path) -> str:
     """What a build depends on: source, flags, compiler, CPU. Once per process: every ONNX Runtime session (each
     serving instance, each parity and timing runner) asks for the library, and `cc --version` is a subprocess."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(compile_flags() + LINK_FLAGS).encode(), "".join(version).encode(),
+    for part in (source.read_bytes(), " ".join(compile_flags() + LINK_FLAGS).encode(), "".join(version).encode(),
                  platform.machine().encode(), _cpu_flags().encode()):
         key.update(part)
     return key.hexdigest()[:16]
