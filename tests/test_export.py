@@ -207,6 +207,21 @@ def test_simplify_checks_parity_again(checkpoint, reuse_onnx, tmp_path):
     assert m.onnx["simplified"]
     assert m.parity["onnx_before_simplify"]["passed"] and m.parity["onnx"]["passed"]
     assert m.parity["onnx"]["max_abs"] <= 1e-4
+    # the simplifier drops the module paths the GA fusion reads: it fuses the graph as exported, before simplifying
+    assert m.artifact("onnx_fused").info["blocks"] == 16 and m.parity["onnx_fused"]["passed"]
+
+
+def test_export_without_the_kernel_skips_the_fused_graph(checkpoint, reuse_onnx, tmp_path, monkeypatch, capsys):
+    """No C compiler (simulated): the export still succeeds, says why there is no model.fused.onnx, lists none."""
+    monkeypatch.setenv("GANET_DISABLE_KERNELS", "1")
+    out = tmp_path / "out"
+    assert cli.main([str(checkpoint), "--output", str(out), "--benchmark-rounds", "0"]) == 0
+    assert "skipped: disabled by GANET_DISABLE_KERNELS" in capsys.readouterr().out
+    m = load_manifest(out)
+    assert not (out / "model.fused.onnx").exists() and "model.fused.onnx" not in m.files
+    assert m.artifact("onnx_fused") is None and m.onnx["fused_group_attention"] is None
+    assert "onnx_fused" not in m.parity
+    assert cli.main(["--verify", str(out)]) == 0
 
 
 # --- --verify -------------------------------------------------------------------------------------------------------
@@ -236,6 +251,7 @@ def test_verify_names_a_changed_manifest_number(copy_of_export, capsys):
     m = json.loads(path.read_text())
     true_value = m["parity"]["onnx"]["max_abs"]
     m["parity"]["onnx"]["max_abs"] = 0.5
+    m["parity"]["onnx_fused"]["max_abs"] = 0.5
     m["parity"]["onnx_int8"]["heldout"]["top1_int8"] = 0.25
     path.write_text(json.dumps(m))
     assert cli.main(["--verify", str(copy_of_export)]) == 1
@@ -243,6 +259,22 @@ def test_verify_names_a_changed_manifest_number(copy_of_export, capsys):
     assert "parity.onnx.max_abs: manifest says 0.5, re-run gives" in err
     assert f"{true_value:.6g}" in err
     assert "parity.onnx_int8.heldout.top1_int8: manifest says 0.25" in err
+    assert "parity.onnx_fused.max_abs: manifest says 0.5, re-run gives" in err
+
+
+def test_verify_says_when_it_cannot_recheck_the_fused_graph(copy_of_export, monkeypatch, capsys):
+    monkeypatch.setenv("GANET_DISABLE_KERNELS", "1")  # a host that cannot build the kernel: a note, not a failure
+    assert cli.main(["--verify", str(copy_of_export)]) == 0
+    assert "note: fused-graph parity not re-run: disabled by GANET_DISABLE_KERNELS" in capsys.readouterr().out
+    monkeypatch.delenv("GANET_DISABLE_KERNELS")
+    path = copy_of_export / "model.fused.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    assert cli.main(["--verify", str(copy_of_export)]) == 1
+    captured = capsys.readouterr()
+    assert "DIFFERS: model.fused.onnx: sha256" in captured.err
+    assert "note: fused-graph parity not re-run: model.fused.onnx differs from the manifest" in captured.out
 
 
 def test_verify_without_the_checkpoint_checks_hashes_and_says_so(copy_of_export, capsys):

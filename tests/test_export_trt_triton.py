@@ -305,6 +305,7 @@ def test_fp32_islands_are_exactly_the_ga_normalisation_and_softmax(uint8_onnx, f
     assert all(c["Softmax"] == 1 and c["Sigmoid"] == 2 and c["MatMul"] == 1 for c in ts_summary.values())
 
 
+@pytest.mark.slow
 def test_exported_ga_blocks_have_the_export_shape(uint8_onnx):
     """graph_mode reached the exporter: per GA block three matmuls (U4U logits, pair logits, pooling), no Transpose
     (a full copy of the feature map), no ReduceL2 or Pow (slow in ONNX Runtime), no Slice copies of the logits."""

@@ -5,6 +5,7 @@ equations). Real ONNX Runtime sessions, the real library built by the host's C c
 """
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -17,13 +18,22 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+import ganet.kernels
 from ganet.export.onnx_export import ImageModel, export_onnx
 from ganet.export.ort_fused import FusionError, _weights, fuse_group_attention, has_fused_ops
-from ganet.kernels import DOMAIN, OP_TYPE, OPSET_VERSION, KernelUnavailable, build_library, library_path, \
-    register_kernels
+from ganet.kernels import DOMAIN, LIBRARY_ENV, OP_TYPE, OPSET_VERSION, KernelUnavailable, build_library, \
+    library_path, register_kernels
 from ganet.layers.group_attention import GroupAttention
 from ganet.models import create_model
 from ganet.preprocess import Preprocessing
+
+
+@pytest.fixture(autouse=True)
+def _no_kernel_overrides(monkeypatch):
+    """The tests say which library to use; a developer's own GANET_KERNEL_LIBRARY / GANET_DISABLE_KERNELS must not
+    decide it."""
+    monkeypatch.delenv(LIBRARY_ENV, raising=False)
+    monkeypatch.delenv("GANET_DISABLE_KERNELS", raising=False)
 
 
 def _randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -92,6 +102,7 @@ def test_fused_kernel_pairwise_term_is_computed():
 
 
 def _exported(tmp_path: Path, name: str, **kwargs) -> tuple[onnx.ModelProto, torch.nn.Module, Preprocessing]:
+    """A dynamo export (as ganet-export makes it) of ``name`` with randomised GA parameters and data BN statistics."""
     torch.manual_seed(0)
     model = _randomise(create_model(name, **kwargs))
     # BatchNorm statistics from data, as training leaves them: with the initial ones (mean 0, var 1) activations
@@ -111,8 +122,14 @@ def _exported(tmp_path: Path, name: str, **kwargs) -> tuple[onnx.ModelProto, tor
     return onnx.load(str(path)), model, prep
 
 
-def test_fused_graph_matches_pytorch_and_has_one_node_per_block(tmp_path):
-    proto, model, prep = _exported(tmp_path, "ga_shufflenet_v2_cifar")
+@pytest.fixture(scope="module")
+def exported_ga(tmp_path_factory) -> tuple[onnx.ModelProto, torch.nn.Module, Preprocessing]:
+    """One export for the tests below (each dynamo export takes ~6 s); they must not modify the model."""
+    return _exported(tmp_path_factory.mktemp("ga"), "ga_shufflenet_v2_cifar")
+
+
+def test_fused_graph_matches_pytorch_and_has_one_node_per_block(exported_ga):
+    proto, model, prep = exported_ga
     fused, blocks = fuse_group_attention(proto, ImageModel(model, prep))
     n_blocks = sum(isinstance(m, GroupAttention) for m in model.modules())
     assert blocks == n_blocks == 16
@@ -123,7 +140,7 @@ def test_fused_graph_matches_pytorch_and_has_one_node_per_block(tmp_path):
     wrapped = ImageModel(model, prep)
     with torch.no_grad():
         fp32 = wrapped(torch.from_numpy(images)).numpy()
-        exact = wrapped.double()(torch.from_numpy(images)).numpy()  # the function itself, to ~1e-12
+        exact = copy.deepcopy(wrapped).double()(torch.from_numpy(images)).numpy()  # the function itself, to ~1e-12
     fp32_error = np.abs(fp32 - exact).max()  # what fp32 arithmetic costs this (randomised, sensitive) network
     session = _session(fused)
     for batch in (1, 3, 8):  # dynamic batch: nothing in the fused graph fixes it
@@ -151,8 +168,8 @@ def test_ablations_and_baselines_are_left_alone(tmp_path):
     assert fuse_group_attention(base, ImageModel(model, prep))[1] == 0
 
 
-def test_fusion_refuses_a_scope_that_is_not_a_ga_block(tmp_path):
-    proto, model, prep = _exported(tmp_path, "ga_shufflenet_v2_cifar")
+def test_fusion_refuses_a_scope_that_is_not_a_ga_block(exported_ga):
+    proto = exported_ga[0]
 
     class Renamed(torch.nn.Module):  # the graph's module paths no longer lead to GroupAttention modules
         def __init__(self) -> None:
@@ -183,8 +200,9 @@ def test_disabled_by_environment(monkeypatch):
         library_path()
 
 
-def test_library_is_cached_per_source(tmp_path):
-    env = {**os.environ, "GANET_KERNEL_CACHE": str(tmp_path)}
+def test_library_is_cached_per_source(tmp_path, monkeypatch):
+    env = {k: v for k, v in os.environ.items() if k not in (LIBRARY_ENV, "GANET_DISABLE_KERNELS")}
+    env["GANET_KERNEL_CACHE"] = str(tmp_path)
     code = "from ganet.kernels import library_path; print(library_path())"
     first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     path = Path(first.stdout.strip())
@@ -193,3 +211,41 @@ def test_library_is_cached_per_source(tmp_path):
     mtime = path.stat().st_mtime_ns
     again = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert Path(again.stdout.strip()) == path and path.stat().st_mtime_ns == mtime  # not rebuilt
+
+    # another source (an edited kernel) is another library, built beside the first
+    edited = tmp_path / "group_attention.c"
+    edited.write_text(ganet.kernels.SOURCE.read_text() + "\n/* edited */\n")
+    monkeypatch.setenv("GANET_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setattr(ganet.kernels, "SOURCE", edited)
+    other = library_path()
+    assert other.is_file() and other != path and other.parent.parent == path.parent.parent
+
+
+def test_prebuilt_library_for_hosts_without_a_compiler(tmp_path, monkeypatch, capsys):
+    """python -m ganet.kernels builds ahead of time; GANET_KERNEL_LIBRARY then serves it where no compiler is."""
+    from ganet.kernels.__main__ import main
+
+    out = tmp_path / "lib" / "libganet_ops.so"
+    assert main([str(out), "--march", "x86-64-v3"]) == 0
+    assert f"GANET_KERNEL_LIBRARY={out.resolve()}" in capsys.readouterr().out
+    assert main([str(tmp_path / "bad.so"), "--march", "no-such-cpu"]) == 1
+    assert "python -m ganet.kernels:" in capsys.readouterr().err and not (tmp_path / "bad.so").exists()
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv(LIBRARY_ENV, str(out))
+    assert library_path() == out
+    block = _randomise(GroupAttention(60, 15)).eval()
+    x = torch.randn(2, 60, 8, 8)
+    with torch.no_grad():
+        expected = block(x).numpy()
+    (got,) = _session(_single_block_graph(block, x.shape)).run(None, {"x": x.numpy()})
+    assert np.abs(got - expected).max() <= 2e-5 * max(float(np.abs(expected).max()), 1.0)
+
+    monkeypatch.setenv(LIBRARY_ENV, str(tmp_path / "missing.so"))
+    with pytest.raises(KernelUnavailable, match="does not exist"):
+        library_path()
+    garbage = tmp_path / "garbage.so"
+    garbage.write_bytes(b"not a shared library")
+    monkeypatch.setenv(LIBRARY_ENV, str(garbage))
+    with pytest.raises(KernelUnavailable, match="could not load"):
+        register_kernels(ort.SessionOptions())

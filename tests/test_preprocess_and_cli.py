@@ -7,7 +7,6 @@ import time
 import pytest
 
 import ganet
-from ganet.demo import MIN_DIGITS_RIGHT
 from ganet.preprocess import CIFAR_MEAN, IMAGENET_MEAN, Preprocessing
 
 
@@ -58,7 +57,7 @@ def test_demo_runs_the_main_job_end_to_end(tmp_path):
     assert (tmp_path / "export" / "manifest.json").is_file() and (tmp_path / "export" / "model.onnx").is_file()
     assert "china.jpg (427x640 photograph):" in result.stdout
     served = re.search(r"(\d)/8 held-out digits right over HTTP", result.stdout)
-    assert served and int(served.group(1)) >= MIN_DIGITS_RIGHT  # and exit 0 above says the demo agrees
+    assert served and int(served.group(1)) >= 7  # of 8 (a literal: the demo's own threshold could drift down)
     assert "Next: `ganet-serve" in result.stdout
 
 

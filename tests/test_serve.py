@@ -553,18 +553,22 @@ def test_cli_refuses_unservable_models_cleanly(export_dir, tmp_path):
     assert "GANET_" in help_text and "--max-delay-us" in help_text and "--grace-s" in help_text
 
 
-def test_default_instances_fill_the_cpus_with_onnxruntime(export_dir):
-    """No --instances: ONNX Runtime on the CPU gets one session per intra-op thread group; a number given wins."""
+def test_default_instances_fill_the_cpus_with_onnxruntime(export_dir, monkeypatch):
+    """No --instances: ONNX Runtime on the CPU gets one session per intra-op thread group (and intra-op threads
+    default to half the CPUs); a number given wins. Four CPUs are pretended, so that the division shows."""
     from ganet.serve.app import load_backends
-    from ganet.serve.settings import usable_cpus
 
-    backends, _ = load_backends(ServeSettings(model=export_dir, intra_op_threads=1))
-    try:
-        assert len(backends) == usable_cpus()
-        assert len({id(b.session) for b in backends}) == len(backends)  # separate sessions, one per worker
-    finally:
-        for b in backends:
-            b.close()
+    monkeypatch.setattr("ganet.serve.app.usable_cpus", lambda: 4)
+    monkeypatch.setattr("ganet.serve.backends.usable_cpus", lambda: 4)
+    for threads, expected in ((1, 4), (2, 2), (0, 2)):  # 0: half the CPUs, so 2 threads, so 2 instances
+        backends, _ = load_backends(ServeSettings(model=export_dir, intra_op_threads=threads))
+        try:
+            assert len(backends) == expected, threads
+            assert {b.session.get_session_options().intra_op_num_threads for b in backends} == {threads or 2}
+            assert len({id(b.session) for b in backends}) == len(backends)  # separate sessions, one per worker
+        finally:
+            for b in backends:
+                b.close()
     backends, _ = load_backends(ServeSettings(model=export_dir, intra_op_threads=1, instances=1))
     assert len(backends) == 1
 
@@ -581,6 +585,13 @@ def test_precision_int8_serves_the_exports_int8_model(export_dir, tmp_path):
     backend, _ = load_backend(export_dir, "auto", intra_op_threads=1, precision="int8")
     assert backend.name == "onnxruntime"
     np.testing.assert_array_equal(backend(images), int8)
+    from ganet.serve.routes_classify import softmax
+
+    with make_client(export_dir, precision="int8") as c:  # the setting through the app, as ganet-serve runs it
+        for img, want in zip(photos().values(), softmax(int8)):
+            r = c.post("/classify?top_k=10", files={"file": ("x.png", encode(img, "PNG"), "image/png")})
+            assert r.status_code == 200, r.text
+            np.testing.assert_allclose(scores_by_index(r.json()), want, atol=1e-6)
     with pytest.raises(BackendError, match="not on the torch backend"):
         load_backend(export_dir, "torch", precision="int8")
     fp32_only = tmp_path / "fp32_only"
@@ -617,8 +628,18 @@ def test_cpu_serves_the_fused_graph_and_falls_back_to_the_standard_one(export_di
         logger.removeHandler(caplog.handler)
     assert fallback.graph == "standard" and "serving the standard graph: disabled by GANET_DISABLE_KERNELS" in caplog.text
     np.testing.assert_array_equal(fallback(images), standard(images))
-    settings = ServeSettings(model=export_dir, fused_kernels=False)  # GANET_FUSED_KERNELS=0 / --no-fused-kernels
-    assert settings.fused_kernels is False
+    monkeypatch.delenv("GANET_DISABLE_KERNELS")
+    # the option from the environment, through load_backends (what ganet-serve calls), and from the command line
+    from ganet.serve.app import load_backends
+    from ganet.serve.cli import build_parser
+
+    monkeypatch.setenv("GANET_FUSED_KERNELS", "0")
+    (backend,), _ = load_backends(ServeSettings(model=export_dir, intra_op_threads=1, instances=1))
+    assert backend.graph == "standard"
+    monkeypatch.delenv("GANET_FUSED_KERNELS")
+    (backend,), _ = load_backends(ServeSettings(model=export_dir, intra_op_threads=1, instances=1))
+    assert backend.graph == "fused"
+    assert build_parser().parse_args([str(export_dir), "--no-fused-kernels"]).fused_kernels is False
 
 
 def test_nvml_gpu_memory_for_the_onnxruntime_cuda_backend(monkeypatch):
@@ -630,6 +651,12 @@ def test_nvml_gpu_memory_for_the_onnxruntime_cuda_backend(monkeypatch):
     from ganet.serve.gpu_memory import nvml_device_memory
 
     monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed
+    assert nvml_device_memory(0) is None
+
+    def no_driver() -> None:
+        raise RuntimeError("NVML Shared Library Not Found")  # what pynvml raises on a host without the driver
+
+    monkeypatch.setitem(sys.modules, "pynvml", types.SimpleNamespace(nvmlInit=no_driver))
     assert nvml_device_memory(0) is None
     fake = types.SimpleNamespace(
         nvmlInit=lambda: None, nvmlDeviceGetHandleByIndex=lambda i: ("gpu", i),

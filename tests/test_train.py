@@ -114,3 +114,6 @@ def test_resume_restores_a_metrics_line_lost_or_torn_by_a_kill(tmp_path):
     metrics.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:17])  # the last line cut mid-write
     assert main(["--resume", str(tmp_path)]) == 0
     assert metrics.read_text().splitlines() == lines
+    metrics.write_text("\n".join(lines[:-1]) + "\n")  # the last line never written
+    assert main(["--resume", str(tmp_path)]) == 0
+    assert metrics.read_text().splitlines() == lines

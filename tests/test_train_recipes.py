@@ -71,6 +71,10 @@ def test_config_file_errors_name_the_file(tmp_path, capsys):
         broken.write_text(text)
         assert main(["--config", str(broken)]) == 2
         assert f"config file {broken} could not be parsed" in capsys.readouterr().err, name
+    unknown = tmp_path / "settings.ini"
+    unknown.write_text("[train]\nepochs = 1\n")
+    assert main(["--config", str(unknown)]) == 2
+    assert "expected a .yaml, .yml, .toml or .json file" in capsys.readouterr().err
     assert main(["--preset", "cifar100", "--data-dir", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "nowhere") in err and "--download" in err
