@@ -295,12 +295,13 @@ def _fused(proto: Any, model: Any, prep: Any, tmp: Path, onnx_parity: Callable[.
 
     from ganet.export.onnx_export import ImageModel
     from ganet.export.ort_fused import FUSED_FILE, fuse_group_attention
-    from ganet.kernels import KernelUnavailable
+    from ganet.kernels import DOMAIN, OP_TYPE, KernelUnavailable
 
     fused, blocks = fuse_group_attention(proto, ImageModel(model, prep))
     if not blocks:
         return None
-    t = _step(log, f"fusing {blocks} Group Attention blocks into the ganet.ops::GroupAttention CPU kernel")
+    t = _step(log, f"fusing {blocks} Group Attention blocks (and the channel shuffles after them) into the "
+                   "ganet.ops CPU kernel")
     path = tmp / FUSED_FILE
     onnx.save(fused, str(path))
     try:
@@ -310,8 +311,10 @@ def _fused(proto: Any, model: Any, prep: Any, tmp: Path, onnx_parity: Callable[.
         log(f"  skipped: {e}\n  (serving falls back to model.onnx; the fused graph is only a CPU speed-up)")
         return None
     log(f"  done in {time.perf_counter() - t:.1f}s; {len(fused.graph.node)} nodes instead of {len(proto.graph.node)}")
+    ops = [n.op_type for n in fused.graph.node if n.domain == DOMAIN]
     return ({"kind": "onnx_fused", "file": FUSED_FILE, "precision": "fp32", "blocks": blocks,
-             "custom_op": "ganet.ops::GroupAttention (ganet/kernels/group_attention.c)"}, result)
+             "shuffles_folded": sum(op != OP_TYPE for op in ops),
+             "custom_op": f"{DOMAIN}::{'/'.join(sorted(set(ops)))} (ganet/kernels/group_attention.c)"}, result)
 
 
 def _cpu_name() -> str:

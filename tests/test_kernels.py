@@ -21,8 +21,8 @@ from onnx import TensorProto, helper
 import ganet.kernels
 from ganet.export.onnx_export import ImageModel, export_onnx
 from ganet.export.ort_fused import FusionError, _weights, fuse_group_attention, has_fused_ops
-from ganet.kernels import DOMAIN, LIBRARY_ENV, OP_TYPE, OPSET_VERSION, KernelUnavailable, build_library, \
-    library_path, register_kernels
+from ganet.kernels import DOMAIN, LIBRARY_ENV, OP_TYPE, OP_TYPE_SHUFFLE, OP_TYPE_SHUFFLE_SPLIT, OPSET_VERSION, \
+    KernelUnavailable, build_library, library_path, register_kernels
 from ganet.layers.group_attention import GroupAttention
 from ganet.models import create_model
 from ganet.preprocess import Preprocessing
@@ -101,6 +101,32 @@ def test_fused_kernel_pairwise_term_is_computed():
     assert np.abs(with_term - without).max() > 1e-2
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_fused_kernel_writes_the_channel_shuffle(split):
+    """GroupAttentionShuffle[Split]: z = channel_shuffle(concat(a, GA(x)), 2), or its two halves. C = 60, G = 15:
+    the halves meet inside group 7 (channels 28..31), so one group's output goes to both."""
+    block = _randomise(GroupAttention(60, 15), seed=3).eval()
+    x, a = torch.randn(3, 60, 7, 9) * 2, torch.randn(3, 60, 7, 9)
+    with torch.no_grad():
+        z = torch.stack((a, block(x)), dim=2).flatten(1, 2).numpy()  # (B, 120, H, W): z[2k] = a[k], z[2k+1] = y[k]
+    outputs = ["lo", "hi"] if split else ["z"]
+    graph = _single_block_graph(block, x.shape)
+    node = graph.graph.node[0]
+    node.op_type = OP_TYPE_SHUFFLE_SPLIT if split else OP_TYPE_SHUFFLE
+    node.input.append("a")
+    del node.output[:], graph.graph.output[:]
+    node.output.extend(outputs)
+    graph.graph.input.append(helper.make_tensor_value_info("a", TensorProto.FLOAT, ["b", 60, "h", "w"]))
+    graph.graph.output.extend(helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs)
+    session = _session(graph)
+    got = np.concatenate(session.run(None, {"x": x.numpy(), "a": a.numpy()}), axis=1)
+    assert got.shape == z.shape
+    assert np.array_equal(got[:, 0::2], a.numpy())  # a is copied, not computed
+    assert np.abs(got - z).max() <= 2e-5 * max(float(np.abs(z).max()), 1.0)
+    with pytest.raises(Exception, match=r"a has shape \(3, 60, 6, 9\); expected x's shape"):
+        session.run(None, {"x": x.numpy(), "a": a[:, :, :6].numpy().copy()})
+
+
 def _exported(tmp_path: Path, name: str, **kwargs) -> tuple[onnx.ModelProto, torch.nn.Module, Preprocessing]:
     """A dynamo export (as ganet-export makes it) of ``name`` with randomised GA parameters and data BN statistics."""
     torch.manual_seed(0)
@@ -135,6 +161,11 @@ def test_fused_graph_matches_pytorch_and_has_one_node_per_block(exported_ga):
     assert blocks == n_blocks == 16
     assert sum(n.domain == DOMAIN for n in fused.graph.node) == 16 and has_fused_ops(fused)
     assert len(fused.graph.node) < len(proto.graph.node) - 16 * 20  # each block was ~30 nodes
+    # every unit's shuffle went into its block: 13 units are followed by a unit that splits its input, 3 (the last
+    # of each stage) by a downsampling unit or conv5, which read the whole map
+    ops = [n.op_type for n in fused.graph.node]
+    assert ops.count(OP_TYPE_SHUFFLE_SPLIT) == 13 and ops.count(OP_TYPE_SHUFFLE) == 3
+    assert not {"Concat", "Split", "Unsqueeze"} & set(ops)
     onnx.checker.check_model(fused)
     images = np.random.default_rng(0).integers(0, 256, (8, 3, 32, 32), dtype=np.uint8)
     wrapped = ImageModel(model, prep)
@@ -149,14 +180,19 @@ def test_fused_graph_matches_pytorch_and_has_one_node_per_block(exported_ga):
         assert np.abs(logits - exact[:batch]).max() <= 1.5 * fp32_error + 1e-5
         assert (logits.argmax(1) == exact[:batch].argmax(1)).all()
     assert np.abs(exact).max() > 1.0 and fp32_error < 1e-3  # the bounds above are not vacuous
+    # the folded shuffle is the exported one, exactly: same numbers as the graph that keeps Concat and Split
+    unfolded, _ = fuse_group_attention(proto, wrapped, fold_shuffles=False)
+    assert {n.op_type for n in unfolded.graph.node if n.domain == DOMAIN} == {OP_TYPE}
+    assert "Concat" in {n.op_type for n in unfolded.graph.node}
+    assert np.array_equal(_session(unfolded).run(None, {"image": images})[0], session.run(None, {"image": images})[0])
 
-    # A node whose weights do not match its input (only a hand-edited graph can have one) makes the kernel leave
-    # its output unset, and the run fails instead of answering with numbers.
+    # A node whose weights do not match its input (only a hand-edited graph can have one) fails the run with an
+    # error that names them, instead of answering with numbers.
     broken = onnx.ModelProto()
     broken.CopyFrom(fused)
     params = next(t for t in broken.graph.initializer if t.name.endswith(".params"))
     params.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(params)[:6].copy(), params.name))
-    with pytest.raises(Exception, match="Missing Input"):
+    with pytest.raises(Exception, match=r"GroupAttention: params has shape \(6, 15\); expected \(7, G\)"):
         _session(broken).run(None, {"image": images[:2]})
 
 

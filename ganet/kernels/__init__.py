@@ -22,11 +22,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DOMAIN", "OP_TYPE", "SOURCE", "LIBRARY_ENV", "KernelUnavailable", "library_path", "build_library",
+__all__ = ["DOMAIN", "OP_TYPE", "OP_TYPE_SHUFFLE", "OP_TYPE_SHUFFLE_SPLIT", "SOURCE", "LIBRARY_ENV", "KernelUnavailable", "library_path", "build_library",
            "compile_flags", "register_kernels"]
 
 DOMAIN = "ganet.ops"
 OP_TYPE = "GroupAttention"
+# The same block, its output then channel-shuffled with the unit's other branch (and split into halves):
+# see group_attention.c's header.
+OP_TYPE_SHUFFLE = "GroupAttentionShuffle"
+OP_TYPE_SHUFFLE_SPLIT = "GroupAttentionShuffleSplit"
 OPSET_VERSION = 1
 SOURCE = Path(__file__).with_name("group_attention.c")
 LIBRARY_NAME = "libganet_ops.so"

@@ -1,4 +1,4 @@
-/* Fused Group Attention for ONNX Runtime on CPUs: the custom op ganet.ops::GroupAttention.
+/* Fused Group Attention for ONNX Runtime on CPUs: the custom ops ganet.ops::GroupAttention[Shuffle[Split]].
  *
  * The exported GA block (ganet.layers.group_attention.GroupAttention.forward_graph) is memory-bound on a CPU:
  * standard ONNX ops make about nine full passes over the (B, C, H, W) feature map (the logit matmuls, x * u, the
@@ -15,6 +15,13 @@
  * Attribute: epsilon (float), the eps of eq. (8).
  * Output: y (B, C, H, W).
  *
+ * Two more ops fold the ShuffleNetV2 unit's channel shuffle (and the next unit's split) into the block's output, so
+ * that the graph needs no Concat and no Split, each a full pass over the unit's map, around it. They take one more
+ * input, 4: a (B, C, H, W), the unit's other branch, and write z = channel_shuffle(concat(a, y), 2), i.e.
+ * z[2k] = a[k], z[2k + 1] = y[k]:
+ *   GroupAttentionShuffle        output z (B, 2C, H, W)
+ *   GroupAttentionShuffleSplit   outputs z[:, :C], z[:, C:] (B, C, H, W) each, the next unit's two halves
+ *
  * Per (sample, group), with u = sigmoid(norm(u_logits)) (eqs. 1, 8, 9):
  *   pool   = softmax_n(norm(sum_k pw_k x_k u))        eq. (3)
  *   assign = sigmoid(norm(sum_k aw_k x_k u))          eq. (5)
@@ -28,11 +35,15 @@
 #include <math.h>
 #include <pthread.h>
 #include <stddef.h>
+#include <stdio.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define ORT_API_VERSION_USED 13
+/* From API version 16 a custom op's compute can return an error (KernelComputeV2); before, only leave its output
+ * unset. The library declares 16 where the runtime serves it, else 13. */
+#define ORT_API_VERSION_COMPUTE_V2 16
 
 typedef struct OrtStatus OrtStatus;
 typedef struct OrtValue OrtValue;
@@ -43,7 +54,7 @@ typedef struct OrtCustomOpDomain OrtCustomOpDomain;
 typedef struct OrtTensorTypeAndShapeInfo OrtTensorTypeAndShapeInfo;
 
 enum { ORT_ELEMENT_FLOAT = 1 };            /* ONNXTensorElementDataType */
-enum { ORT_FAIL = 1 }; /* OrtErrorCode */
+enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 }; /* OrtErrorCode */
 
 /* The OrtApi entries this library calls, by index into the struct of function pointers. */
 enum {
@@ -91,8 +102,8 @@ typedef OrtStatus *(*KernelContextParallelForFn)(const OrtKernelContext *ctx, vo
 static const OrtApiEntry *g_api;
 static int g_has_parallel_for; /* the runtime serves API version 17: its intra-op thread pool runs our samples */
 
-/* struct OrtCustomOp as of API version 13 (later versions append fields that ONNX Runtime reads only when the
- * op declares a version that has them). */
+/* struct OrtCustomOp up to API version 16 (each version appends fields, which ONNX Runtime reads only when the op
+ * declares a version that has them). */
 typedef struct OrtCustomOp {
     uint32_t version;
     void *(*CreateKernel)(const struct OrtCustomOp *op, const OrtApiEntry *api, const OrtKernelInfo *info);
@@ -107,11 +118,47 @@ typedef struct OrtCustomOp {
     int (*GetInputCharacteristic)(const struct OrtCustomOp *op, size_t index);
     int (*GetOutputCharacteristic)(const struct OrtCustomOp *op, size_t index);
     int (*GetInputMemoryType)(const struct OrtCustomOp *op, size_t index);
+    /* version 14 */
+    int (*GetVariadicInputMinArity)(const struct OrtCustomOp *op);
+    int (*GetVariadicInputHomogeneity)(const struct OrtCustomOp *op);
+    int (*GetVariadicOutputMinArity)(const struct OrtCustomOp *op);
+    int (*GetVariadicOutputHomogeneity)(const struct OrtCustomOp *op);
+    /* version 16 */
+    OrtStatus *(*CreateKernelV2)(const struct OrtCustomOp *op, const OrtApiEntry *api, const OrtKernelInfo *info,
+                                 void **kernel);
+    OrtStatus *(*KernelComputeV2)(void *kernel, OrtKernelContext *ctx);
 } OrtCustomOp;
+
+/* What a node writes (see the header): y, the shuffled z, or z's two halves. */
+enum { MODE_PLAIN = 0, MODE_SHUFFLE = 1, MODE_SHUFFLE_SPLIT = 2 };
+
+typedef struct {
+    OrtCustomOp base; /* first, so that ONNX Runtime's OrtCustomOp pointer is also a GanetOp pointer */
+    int mode;
+    const char *name;
+} GanetOp;
 
 typedef struct {
     float eps;
+    int mode;
 } GroupAttentionKernel;
+
+/* Where a sample's output channels go. Channel j of z (MODE_PLAIN: of y) of sample s starts at out_row(map, s, j):
+ * the shuffle and the split are only addresses. */
+typedef struct {
+    int mode;
+    int64_t ch, n; /* C (the block's channels) and H*W */
+    float *y0, *y1;
+} OutMap;
+
+static inline float *out_row(const OutMap *m, int64_t s, int64_t j) {
+    if (m->mode == MODE_PLAIN) return m->y0 + (s * m->ch + j) * m->n;
+    if (m->mode == MODE_SHUFFLE) return m->y0 + (s * 2 * m->ch + j) * m->n;
+    return j < m->ch ? m->y0 + (s * m->ch + j) * m->n : m->y1 + (s * m->ch + j - m->ch) * m->n;
+}
+
+/* channel k of the block's output y, as a channel of what the node writes */
+static inline int64_t y_channel(const OutMap *m, int64_t k) { return m->mode == MODE_PLAIN ? k : 2 * k + 1; }
 
 /* ---- the arithmetic --------------------------------------------------------------------------------------- */
 
@@ -213,13 +260,20 @@ static void u4u_logits(const float *restrict x, const float *restrict wt, int64_
     }
 }
 
-/* One (sample, group): x and y are (c, n) slices, u_logits is (n); scratch holds 4 (n + SCRATCH_PAD) floats.
+/* y_k = x_k u + e_k assign over one map (restrict: separate arrays, so gcc vectorises without alias checks) */
+static inline void output_channel(float *restrict y, const float *restrict x, const float *restrict u,
+                                  const float *restrict assign, float entity, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) y[i] = x[i] * u[i] + entity * assign[i];
+}
+
+/* One (sample s, group g): x is a (c, n) slice, u_logits is (n), the output goes where ``out`` says; scratch holds
+ * 4 (n + SCRATCH_PAD) floats.
  * A handful of passes over the group's maps, every one over data in the L1/L2 cache; the channel loops are unrolled where
  * the caller passes a constant c, so each pass reads all c channels of a pixel at once. */
 static inline __attribute__((always_inline)) void group_attention_slice(
     const float *restrict x, const float *restrict u_logits, const float *restrict pool_w,
     const float *restrict assign_w, const float *restrict params, int64_t g, int64_t groups, const int64_t c,
-    int64_t n, float eps, float *restrict y, float *restrict scratch) {
+    int64_t n, float eps, const OutMap *out, int64_t s, float *restrict scratch) {
     /* The maps sit SCRATCH_PAD floats apart beyond their length, so that they are not a multiple of 4 KiB apart
      * (false load/store dependencies). */
     const int64_t stride = n + SCRATCH_PAD;
@@ -291,13 +345,12 @@ static inline __attribute__((always_inline)) void group_attention_slice(
     for (int64_t k0 = 0; k0 < c; k0 += CHANNEL_BLOCK) {
         const int64_t kn = c - k0 < CHANNEL_BLOCK ? c - k0 : CHANNEL_BLOCK;
         const float *restrict xb = x + k0 * n;
-        float *restrict yb = y + k0 * n;
         float entity[CHANNEL_BLOCK] = {0};
         for (int64_t i = 0; i < n; ++i)
             for (int64_t k = 0; k < kn; ++k) entity[k] += xb[k * n + i] * weight[i];
-        for (int64_t k = 0; k < kn; ++k) entity[k] *= inv_total;
-        for (int64_t i = 0; i < n; ++i)
-            for (int64_t k = 0; k < kn; ++k) yb[k * n + i] = xb[k * n + i] * u[i] + entity[k] * assign[i];
+        for (int64_t k = 0; k < kn; ++k)
+            output_channel(out_row(out, s, y_channel(out, g * c + k0 + k)), xb + k * n, u, assign,
+                           entity[k] * inv_total, n);
     }
 }
 
@@ -305,8 +358,10 @@ static inline __attribute__((always_inline)) void group_attention_slice(
  * 60/120/240 with G = 15 give 4/8/16), so that gcc unrolls the channel loops and vectorises over pixels. */
 static void group_attention_slice_any(const float *x, const float *u_logits, const float *pool_w,
                                       const float *assign_w, const float *params, int64_t g, int64_t groups,
-                                      int64_t c, int64_t n, float eps, float *y, float *scratch) {
-#define SLICE(C) group_attention_slice(x, u_logits, pool_w, assign_w, params, g, groups, C, n, eps, y, scratch)
+                                      int64_t c, int64_t n, float eps, const OutMap *out, int64_t s,
+                                      float *scratch) {
+#define SLICE(C) \
+    group_attention_slice(x, u_logits, pool_w, assign_w, params, g, groups, C, n, eps, out, s, scratch)
     switch (c) {
         case 1: SLICE(1); break;
         case 2: SLICE(2); break;
@@ -323,9 +378,9 @@ static void group_attention_slice_any(const float *x, const float *u_logits, con
 static const char *kDomain = "ganet.ops";
 
 static void *create_kernel(const OrtCustomOp *op, const OrtApiEntry *api, const OrtKernelInfo *info) {
-    (void)op;
     GroupAttentionKernel *k = malloc(sizeof *k);
     if (!k) return NULL;
+    k->mode = ((const GanetOp *)op)->mode;
     k->eps = 1e-5f;
     OrtStatus *st = API(api, KernelInfoGetAttributeFloat)(info, "epsilon", &k->eps);
     if (st) API(api, ReleaseStatus)(st); /* absent: the paper's default */
@@ -372,11 +427,12 @@ static const float *input_data(OrtKernelContext *ctx, size_t index, int64_t *dim
 }
 
 typedef struct {
-    const float *x;
-    float *y;
+    const float *x, *a; /* a: the other branch (shuffle modes only) */
+    OutMap out;
     const float *wt, *pair_w, *params;
     int64_t ch, n, groups, c;
     float eps;
+    int failed; /* a sample could not get its scratch memory */
 } SampleJob;
 
 /* Per-thread scratch, kept between calls and freed when the thread exits: a malloc/free per sample on ONNX
@@ -406,57 +462,100 @@ static void run_sample(void *arg, size_t s) {
     SampleJob *job = arg;
     const int64_t ch = job->ch, n = job->n, groups = job->groups, c = job->c, stride = n + SCRATCH_PAD;
     float *scratch = thread_scratch((size_t)((groups + 4) * stride));
-    if (!scratch) return; /* (the compute callback has no way to report an error) */
+    if (!scratch) {
+        __atomic_store_n(&job->failed, 1, __ATOMIC_RELAXED); /* compute() reports it */
+        return;
+    }
     float *logits = scratch, *maps = scratch + groups * stride;
     const float *x = job->x + (int64_t)s * ch * n;
-    float *y = job->y + (int64_t)s * ch * n;
     u4u_logits(x, job->wt, groups, ch, n, logits, stride);
     for (int64_t g = 0; g < groups; ++g)
         group_attention_slice_any(x + g * c * n, logits + g * stride, job->pair_w + g * 2 * c,
-                                  job->pair_w + g * 2 * c + c, job->params, g, groups, c, n, job->eps,
-                                  y + g * c * n, maps);
+                                  job->pair_w + g * 2 * c + c, job->params, g, groups, c, n, job->eps, &job->out,
+                                  (int64_t)s, maps);
+    if (job->a) /* the other branch into the even channels of z */
+        for (int64_t k = 0; k < ch; ++k)
+            memcpy(out_row(&job->out, (int64_t)s, 2 * k), job->a + ((int64_t)s * ch + k) * n,
+                   (size_t)n * sizeof(float));
 }
 
-static void compute(void *kernel, OrtKernelContext *ctx) {
-    const GroupAttentionKernel *k = kernel;
+static float *output_data(OrtKernelContext *ctx, size_t index, const int64_t *dims) {
+    OrtValue *out = NULL;
+    OrtStatus *st = API(g_api, KernelContextGetOutput)(ctx, index, dims, 4, &out);
+    if (st) {
+        API(g_api, ReleaseStatus)(st);
+        return NULL;
+    }
+    float *data = NULL;
+    st = API(g_api, GetTensorMutableData)(out, (void **)&data);
+    if (st) {
+        API(g_api, ReleaseStatus)(st);
+        return NULL;
+    }
+    return data;
+}
+
+/* Thread-local, so that concurrent sessions do not share it; compute_v2 copies it into the OrtStatus. */
+static __thread char error_text[512];
+
+static const char *shape_error(const char *what, const int64_t *dims, size_t count, const char *expected) {
+    char shape[160] = "";
+    for (size_t i = 0; i < count && i < 6; ++i) {
+        const size_t used = strlen(shape);
+        snprintf(shape + used, sizeof shape - used, i ? ", %lld" : "%lld", (long long)dims[i]);
+    }
+    snprintf(error_text, sizeof error_text, "ganet.ops::GroupAttention: %s has shape (%s); expected %s", what, shape,
+             expected);
+    return error_text;
+}
+
+/* Runs one node; returns NULL, or what went wrong. The shapes were fixed when the graph was written, so a mismatch
+ * means a hand-edited graph, and it must fail the run rather than read out of bounds. */
+static const char *run_node(const GroupAttentionKernel *k, OrtKernelContext *ctx) {
     int64_t xd[4], ud[4], wd[4], pd[4];
     size_t xn = 0, un = 0, wn = 0, pn = 0;
     const float *x = input_data(ctx, 0, xd, &xn);
     const float *u4u_w = input_data(ctx, 1, ud, &un);
     const float *pair_w = input_data(ctx, 2, wd, &wn);
     const float *params = input_data(ctx, 3, pd, &pn);
-    /* The shapes were fixed when the graph was written; a mismatch means a hand-edited graph: produce no output,
-     * so that ONNX Runtime fails the run instead of this kernel reading out of bounds. */
-    if (!x || !u4u_w || !pair_w || !params || xn != 4 || un != 2 || wn != 3 || pn != 2) return;
+    if (!x || !u4u_w || !pair_w || !params) return "ganet.ops::GroupAttention: cannot read its inputs";
+    if (xn != 4 || xd[2] * xd[3] < 1) return shape_error("x", xd, xn, "(B, C, H, W) with H, W >= 1");
+    if (wn != 3 || wd[0] < 1 || wd[1] != 2 || wd[0] * wd[2] != xd[1])
+        return shape_error("pair_weight", wd, wn, "(G, 2, C/G) for x's C channels");
+    if (un != 2 || ud[0] != wd[0] || ud[1] != xd[1]) return shape_error("u4u_weight", ud, un, "(G, C)");
+    if (pn != 2 || pd[0] != 7 || pd[1] != wd[0]) return shape_error("params", pd, pn, "(7, G)");
     const int64_t b = xd[0], ch = xd[1], n = xd[2] * xd[3], groups = wd[0], c = wd[2];
-    if (groups < 1 || c * groups != ch || wd[1] != 2 || ud[0] != groups || ud[1] != ch || pd[0] != 7 ||
-        pd[1] != groups || n < 1)
-        return;
+    const float *a = NULL;
+    if (k->mode != MODE_PLAIN) { /* the other branch: the same shape as x */
+        int64_t ad[4];
+        size_t an = 0;
+        a = input_data(ctx, 4, ad, &an);
+        if (!a) return "ganet.ops::GroupAttention: cannot read input a";
+        if (an != 4 || memcmp(ad, xd, sizeof xd)) return shape_error("a", ad, an, "x's shape");
+    }
 
-    OrtValue *out = NULL;
-    OrtStatus *st = API(g_api, KernelContextGetOutput)(ctx, 0, xd, 4, &out);
-    if (st) {
-        API(g_api, ReleaseStatus)(st);
-        return;
+    OutMap out = {k->mode, ch, n, NULL, NULL};
+    if (k->mode == MODE_SHUFFLE) {
+        const int64_t zd[4] = {b, 2 * ch, xd[2], xd[3]};
+        out.y0 = output_data(ctx, 0, zd);
+    } else {
+        out.y0 = output_data(ctx, 0, xd);
+        if (k->mode == MODE_SHUFFLE_SPLIT) out.y1 = output_data(ctx, 1, xd);
     }
-    float *y = NULL;
-    st = API(g_api, GetTensorMutableData)(out, (void **)&y);
-    if (st) {
-        API(g_api, ReleaseStatus)(st);
-        return;
-    }
+    if (!out.y0 || (k->mode == MODE_SHUFFLE_SPLIT && !out.y1))
+        return "ganet.ops::GroupAttention: cannot allocate its output";
     /* The U4U weight transposed and zero-padded into (tiles, C, GEMM_GROUPS), shared by every sample. */
     const int64_t tiles = (groups + GEMM_GROUPS - 1) / GEMM_GROUPS;
     float *wt = calloc((size_t)(tiles * ch * GEMM_GROUPS), sizeof(float));
-    if (!wt) return;
+    if (!wt) return "ganet.ops::GroupAttention: out of memory";
     for (int64_t g = 0; g < groups; ++g)
         for (int64_t kk = 0; kk < ch; ++kk)
             wt[((g / GEMM_GROUPS) * ch + kk) * GEMM_GROUPS + g % GEMM_GROUPS] = u4u_w[g * ch + kk];
-    SampleJob job = {x, y, wt, pair_w, params, ch, n, groups, c, k->eps};
+    SampleJob job = {x, a, out, wt, pair_w, params, ch, n, groups, c, k->eps, 0};
     /* Samples are independent: ONNX Runtime's intra-op pool runs them (one thread: in order, on this one). */
     int done = 0;
     if (g_has_parallel_for && b > 1) {
-        st = API(g_api, KernelContextParallelFor)(ctx, run_sample, (size_t)b, 0, &job);
+        OrtStatus *st = API(g_api, KernelContextParallelFor)(ctx, run_sample, (size_t)b, 0, &job);
         if (st)
             API(g_api, ReleaseStatus)(st);
         else
@@ -465,21 +564,36 @@ static void compute(void *kernel, OrtKernelContext *ctx) {
     if (!done)
         for (int64_t s = 0; s < b; ++s) run_sample(&job, (size_t)s);
     free(wt);
+    return job.failed ? "ganet.ops::GroupAttention: out of memory" : NULL;
+}
+
+static void compute(void *kernel, OrtKernelContext *ctx) { (void)run_node(kernel, ctx); }
+
+static OrtStatus *compute_v2(void *kernel, OrtKernelContext *ctx) {
+    const char *error = run_node(kernel, ctx);
+    return error ? API(g_api, CreateStatus)(ORT_INVALID_ARGUMENT, error) : NULL;
 }
 
 static void destroy_kernel(void *kernel) { free(kernel); }
-static const char *op_name(const OrtCustomOp *op) { (void)op; return "GroupAttention"; }
+static const char *op_name(const OrtCustomOp *op) { return ((const GanetOp *)op)->name; }
 static const char *op_provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
 static int op_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return ORT_ELEMENT_FLOAT; }
-static size_t op_inputs(const OrtCustomOp *op) { (void)op; return 4; }
-static size_t op_outputs(const OrtCustomOp *op) { (void)op; return 1; }
+static size_t op_inputs(const OrtCustomOp *op) { return ((const GanetOp *)op)->mode == MODE_PLAIN ? 4 : 5; }
+static size_t op_outputs(const OrtCustomOp *op) { return ((const GanetOp *)op)->mode == MODE_SHUFFLE_SPLIT ? 2 : 1; }
 static int op_required(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; } /* INPUT_OUTPUT_REQUIRED */
 static int op_memory(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }   /* OrtMemTypeDefault */
+static int op_one(const OrtCustomOp *op) { (void)op; return 1; } /* variadic arity: unused, no input is variadic */
 
-static const OrtCustomOp kGroupAttentionOp = {
-    ORT_API_VERSION_USED, create_kernel, op_name, op_provider, op_type, op_inputs, op_type, op_outputs,
-    compute, destroy_kernel, op_required, op_required, op_memory,
+#define GANET_OP(MODE, NAME)                                                                                       \
+    {{ORT_API_VERSION_USED, create_kernel, op_name, op_provider, op_type, op_inputs, op_type, op_outputs, compute,  \
+      destroy_kernel, op_required, op_required, op_memory, op_one, op_one, op_one, op_one, NULL, compute_v2},       \
+     MODE, NAME}
+static GanetOp kOps[] = { /* (not const: RegisterCustomOps sets the version the runtime serves) */
+    GANET_OP(MODE_PLAIN, "GroupAttention"),
+    GANET_OP(MODE_SHUFFLE, "GroupAttentionShuffle"),
+    GANET_OP(MODE_SHUFFLE_SPLIT, "GroupAttentionShuffleSplit"),
 };
+#undef GANET_OP
 
 /* The entry point OrtApi::RegisterCustomOpsLibrary (Python: SessionOptions.register_custom_ops_library) calls. */
 __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOptions *options,
@@ -497,10 +611,14 @@ __attribute__((visibility("default"))) OrtStatus *RegisterCustomOps(OrtSessionOp
         return API(g_api, CreateStatus)(ORT_FAIL, "libganet_ops.so was built for AVX2 + FMA; this CPU lacks them");
 #endif
     g_has_parallel_for = base->GetApi(17) != NULL;
+    const uint32_t version = base->GetApi(ORT_API_VERSION_COMPUTE_V2) ? ORT_API_VERSION_COMPUTE_V2 : ORT_API_VERSION_USED;
     OrtCustomOpDomain *domain = NULL;
     OrtStatus *st = API(g_api, CreateCustomOpDomain)(kDomain, &domain);
     if (st) return st;
-    st = API(g_api, CustomOpDomainAdd)(domain, &kGroupAttentionOp);
-    if (st) return st;
+    for (size_t i = 0; i < sizeof kOps / sizeof kOps[0]; ++i) {
+        kOps[i].base.version = version;
+        st = API(g_api, CustomOpDomainAdd)(domain, &kOps[i].base);
+        if (st) return st;
+    }
     return API(g_api, AddCustomOpDomain)(options, domain);
 }
