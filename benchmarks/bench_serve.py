@@ -36,7 +36,6 @@ import platform
 import random
 import resource
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -49,6 +48,7 @@ from pathlib import Path
 from _stats import spread  # benchmarks/_stats.py (scripts run from this folder)
 
 from ganet.serve.local import free_port, wait_ready
+from ganet.serve.local import stop as stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {"over_naive_ort": 1.4, "over_naive_torch": 8.0, "over_naive_ort_async": 1.4,
@@ -58,6 +58,16 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 # ----------------------------------------------------------------------------------------------- the artifacts
+
+def serve_precision(serve_args: list[str]) -> str:
+    """The precision ganet-serve will run with these flags (and the environment), read the way ganet-serve reads
+    them: whether the export needs its INT8 model."""
+    from ganet.serve.cli import build_parser
+    from ganet.serve.settings import ServeSettings
+
+    given = vars(build_parser().parse_args(["(model)", *serve_args]))
+    return ServeSettings(**{k: v for k, v in given.items() if v is not None}).precision
+
 
 def make_export(tmp: Path, max_batch: int, int8: bool = False) -> tuple[Path, Path]:
     """A ga_shufflenet_v2 checkpoint (1000 classes, random init) and its ganet-export directory (+ INT8)."""
@@ -113,13 +123,7 @@ class Server:
         return proc_cpu_s(f"/proc/{self.proc.pid}/stat")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def proc_cpu_s(stat_path: str) -> float:
@@ -470,7 +474,7 @@ def main() -> None:
 
             export, checkpoint = args.export, Path(load_manifest(args.export).checkpoint["path"])
         else:
-            checkpoint, export = make_export(tmp, args.max_batch, int8="--precision=int8" in args.serve_arg)
+            checkpoint, export = make_export(tmp, args.max_batch, int8=serve_precision(args.serve_arg) == "int8")
         print(f"export ready in {time.perf_counter() - start_s:.0f} s: {export}", flush=True)
         jpeg = china_jpeg(args.quality)
         results: dict = {"host": {"cpu_count": os.cpu_count(), "machine": platform.machine(),

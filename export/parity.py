@@ -13,7 +13,7 @@ import numpy as np
 
 from ganet.preprocess import Preprocessing, image_to_uint8, normalize_uint8
 
-__all__ = ["ParityInputs", "ParityResult", "ParityError", "TOLERANCES", "photographs", "digits_images", "dataset_of", "failure_message",
+__all__ = ["ParityInputs", "ParityResult", "ParityError", "TOLERANCES", "photo_arrays", "photographs", "digits_images", "dataset_of", "failure_message",
            "parity_inputs", "torch_reference", "compare", "run_parity", "ort_session", "ort_runner"]
 
 # What "parity" means per artifact kind (the issue's numbers).
@@ -44,14 +44,21 @@ class ParityInputs:
         return len(self.names)
 
 
-def photographs(prep: Preprocessing) -> ParityInputs:
-    """The real photographs bundled with scikit-learn and scikit-image, as (N, 3, S, S) uint8."""
-    from PIL import Image
+def photo_arrays() -> dict[str, np.ndarray]:
+    """The real photographs bundled with scikit-learn and scikit-image, (H, W, 3) uint8 RGB by source-qualified name
+    (``sklearn:china.jpg``, ``skimage:astronaut``, ...): china, flower, astronaut, chelsea, coffee, rocket first."""
     from sklearn.datasets import load_sample_image
     from skimage import data
 
     arrays = {f"sklearn:{n}": load_sample_image(n) for n in ("china.jpg", "flower.jpg")}
-    arrays |= {f"skimage:{n}": getattr(data, n)() for n in _SKIMAGE_PHOTOS}
+    return arrays | {f"skimage:{n}": getattr(data, n)() for n in _SKIMAGE_PHOTOS}
+
+
+def photographs(prep: Preprocessing) -> ParityInputs:
+    """:func:`photo_arrays` through the checkpoint's preprocessing, as (N, 3, S, S) uint8."""
+    from PIL import Image
+
+    arrays = photo_arrays()
     images = [image_to_uint8(Image.fromarray(a), prep) for a in arrays.values()]
     return ParityInputs(np.stack(images), list(arrays))
 

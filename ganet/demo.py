@@ -19,7 +19,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from ganet.serve.local import free_port, wait_ready
+from ganet.serve.local import free_port, stop, wait_ready
 from ganet.train.config import TrainConfig
 
 MIN_DIGITS_RIGHT = 7  # of the 8 held-out digits POSTed: below this the demo fails (the model scores ~99%)
@@ -109,11 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             correct += predicted == str(held_out.targets[i].item())
             print(f"held-out digit {i}: true {held_out.targets[i].item()}, served {predicted}")
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server, grace_s=30)
     print(f"\n{correct}/8 held-out digits right over HTTP. Wrote {best} and {export_dir}/ "
           f"(model.onnx, manifest.json, report.md).")
     print(f"Next: `ganet-serve {export_dir}` and open http://127.0.0.1:8000/, `ganet-export --verify {export_dir}`, "

@@ -1,17 +1,18 @@
-"""Running an HTTP server as a local process: a free port to give it, and waiting until it answers ready.
+"""Running an HTTP server as a local process: a free port to give it, waiting until it answers ready, stopping it.
 
 Used by ``ganet-demo``, the serving benchmark and the HTTP tests (``docker/smoke_test.py`` keeps its own: it runs
 on hosts without ganet installed). Standard library only.
 """
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
 
-__all__ = ["free_port", "wait_ready"]
+__all__ = ["free_port", "wait_ready", "stop"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -36,3 +37,16 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 180, interva
             pass
         time.sleep(interval_s)
     raise RuntimeError(f"{url}: not ready after {timeout_s:g} s")
+
+
+def stop(proc: subprocess.Popen, grace_s: float = 20) -> int:
+    """SIGTERM (the service drains its in-flight requests, then exits), SIGKILL after ``grace_s``; the exit status.
+    uvicorn re-raises the signal it handled, so a clean stop is 0 or -SIGTERM."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode

@@ -1,5 +1,9 @@
+import sys
+
 import pytest
 import torch
+
+from stand_in_tensorrt import fake_cudart, fake_tensorrt
 
 
 def pytest_collection_modifyitems(config, items):
@@ -14,3 +18,22 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """Install the stand-ins as `tensorrt` and `cuda.bindings.runtime`; returns a function choosing the version."""
+    from types import ModuleType
+
+    cudart = fake_cudart()
+    cuda, bindings = ModuleType("cuda"), ModuleType("cuda.bindings")
+    cuda.bindings, bindings.runtime = bindings, cudart
+    for name, module in (("cuda", cuda), ("cuda.bindings", bindings), ("cuda.bindings.runtime", cudart)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # the driver version then comes from the CUDA driver API
+
+    def install(version: str):
+        trt = fake_tensorrt(version)
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        return trt, cudart
+    return install

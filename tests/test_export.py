@@ -22,7 +22,6 @@ from ganet.export import parity as P
 from ganet.export.manifest import load_manifest
 from ganet.layers import GroupAttention
 from ganet.models import create_model
-from test_export_trt_triton import stand_in  # noqa: F401  (the fixture: a stand-in tensorrt + cuda runtime)
 
 MAX_BATCH = 8
 pytestmark = pytest.mark.slow  # one trained model, one real export: ~1-2 min on 2 shared cores

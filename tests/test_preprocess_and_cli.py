@@ -83,17 +83,12 @@ def test_resize_and_crop_resamples_only_the_crop_yet_matches_resize_then_crop(si
     """The box resize equals 'resize the shorter side, then center-crop' up to float rounding of the sample
     positions: at most 1/255 on a few percent of the values, never a shifted or differently filtered crop."""
     import numpy as np
-    import skimage.data
-    from PIL import Image
-    from sklearn.datasets import load_sample_image
+    from real_images import photos
 
     from ganet.preprocess import _PIL_FILTERS, resize_and_crop
 
     prep = Preprocessing.for_input_size(size)
-    photos = [load_sample_image("china.jpg"), load_sample_image("flower.jpg"), skimage.data.astronaut(),
-              skimage.data.chelsea(), skimage.data.coffee()]
-    for array in photos:
-        img = Image.fromarray(array)
+    for img in photos("china", "flower", "astronaut", "chelsea", "coffee").values():
         w, h = img.size
         scale = prep.resize_size / min(w, h)
         full = img.resize((max(prep.resize_size, round(w * scale)), max(prep.resize_size, round(h * scale))),

@@ -30,6 +30,9 @@ from ganet.serve.backends import ModelSpec, OnnxRuntimeBackend, load_backend
 from ganet.serve.routes_classify import softmax
 from ganet.serve.settings import ServeSettings
 
+import real_images
+from real_images import encode
+
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
@@ -92,19 +95,7 @@ def calibrate_batchnorm(model) -> None:
 
 
 def photos() -> dict[str, Image.Image]:
-    from skimage import data
-    from sklearn.datasets import load_sample_image
-
-    return {"china": Image.fromarray(load_sample_image("china.jpg")),
-            "flower": Image.fromarray(load_sample_image("flower.jpg")),
-            "astronaut": Image.fromarray(data.astronaut()), "chelsea": Image.fromarray(data.chelsea()),
-            "coffee": Image.fromarray(data.coffee())}
-
-
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
+    return real_images.photos("china", "flower", "astronaut", "chelsea", "coffee")
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import pytest
 
 from ganet.preprocess import image_to_uint8
 from ganet.serve.backends import load_backend
+from ganet.serve import local
 from ganet.serve.local import free_port, wait_ready
 from test_serve import CIFAR10, encode, export_dir, photos, scores_by_index  # noqa: F401  (export_dir: fixture)
 
@@ -41,12 +42,8 @@ def start_server(export: Path, *args: str, env: dict[str, str] | None = None) ->
 
 
 def stop(proc: subprocess.Popen) -> str:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    """Stop the server as ganet-demo and the benchmark do; its log."""
+    local.stop(proc, grace_s=15)
     return proc.stdout.read()
 
 

@@ -12,22 +12,16 @@ from ganet.preprocess import Preprocessing, image_to_uint8
 from ganet.serve.errors import ServeError
 from ganet.serve.images import decode_image, jpeg_draft_scale, open_image
 
+import real_images
+from real_images import jpeg
+
 P224, P32 = Preprocessing.for_input_size(224), Preprocessing.for_input_size(32)  # resize 256 / 32
 LIMIT = 50_000_000
 
 
 def photos() -> dict[str, np.ndarray]:
-    from skimage import data
-    from sklearn.datasets import load_sample_image
-
-    return {"astronaut": data.astronaut(), "coffee": data.coffee(), "chelsea": data.chelsea(),
-            "rocket": data.rocket(), "china": load_sample_image("china.jpg"), "flower": load_sample_image("flower.jpg")}
-
-
-def jpeg(img: Image.Image, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
+    return {name: np.asarray(img) for name, img in
+            real_images.photos("astronaut", "coffee", "chelsea", "rocket", "china", "flower").items()}
 
 
 def full_decode(data: bytes, prep: Preprocessing) -> np.ndarray:
