@@ -1,4 +1,5 @@
-"""Native CPU kernels for ONNX Runtime: the fused Group Attention custom op (``ganet.ops::GroupAttention``).
+"""Native CPU kernels for ONNX Runtime: the fused Group Attention custom ops (``ganet.ops::GroupAttention``, and
+``GroupAttentionShuffle[Split]``, which also write the ShuffleNetV2 channel shuffle that follows the block).
 
 Standard ONNX has no op that fuses a per-pixel scale with a rank-1 update, so the exported GA block makes about nine
 full passes over its feature map on a CPU. ``group_attention.c`` computes a whole block per sample while the
