@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from _stats import spread  # benchmarks/_stats.py (scripts run from this folder)
+
 from ganet.export.parity import torch_reference
 from ganet.preprocess import Preprocessing, image_to_uint8, normalize
 from ganet.serve.images import DRAFT_MARGIN, DRAFT_MIN_PIXELS, jpeg_draft_scale
@@ -158,22 +160,24 @@ def agreement(full: np.ndarray, draft: np.ndarray, full_px: np.ndarray, draft_px
 
 def timing(photo: Image.Image, prep: Preprocessing, sizes: list[tuple[int, int]], quality: int, reps: int,
            margin: float) -> list[dict]:
-    """Median wall ms of decode + resize + crop, full and at the scale the margin allows (min_pixels ignored)."""
+    """Wall ms of decode + resize + crop, full and at the scale the margin allows (min_pixels ignored): the two
+    interleaved rep by rep, so that noise hits both alike; medians, and the spread of the per-rep speed-ups."""
     rows = []
     for size in sizes:
         data = encode(photo.convert("RGB").resize(size, Image.Resampling.BICUBIC), quality)
         scale = jpeg_draft_scale(size, prep, margin, min_pixels=0)
-        ms = {}
-        for s in sorted({1, scale}):
-            decode(data, prep, s)
-            runs = []
-            for _ in range(reps):
+        runs: dict[int, list[float]] = {1: [], scale: []}
+        for s in runs:
+            decode(data, prep, s)  # warm-up
+        for _ in range(reps):
+            for s in runs:  # (one entry when the margin allows no reduction: scale 1)
                 t = time.perf_counter()
                 decode(data, prep, s)
-                runs.append((time.perf_counter() - t) * 1e3)
-            ms[s] = statistics.median(runs)
+                runs[s].append((time.perf_counter() - t) * 1e3)
+        full, draft = runs[1], runs[scale]
         rows.append({"size": list(size), "megapixels": size[0] * size[1] / 1e6, "jpeg_bytes": len(data),
-                     "scale": scale, "full_ms": ms[1], "draft_ms": ms[scale], "speedup": ms[1] / ms[scale]})
+                     "scale": scale, "full_ms": statistics.median(full), "draft_ms": statistics.median(draft),
+                     "speedup": spread([f / d for f, d in zip(full, draft)])})
     return rows
 
 
@@ -183,7 +187,7 @@ def main() -> None:
     p.add_argument("--margins", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0],
                    help="reduced shorter side >= margin x resize_size (serve/images.py uses %(default)s)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the corpus")
-    p.add_argument("--reps", type=int, default=7, help="timing repetitions (median)")
+    p.add_argument("--reps", type=int, default=7, help="timing repetitions, full and reduced interleaved (median)")
     p.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "jpeg_draft.json")
     args = p.parse_args()
 
@@ -209,7 +213,7 @@ def main() -> None:
         rows = timing(photos["coffee"], prep, sizes, args.quality, args.reps, margin)
         results["timing"][str(margin)] = rows
         print(f"margin {margin:g}: " + "  ".join(f"{r['size'][0]}x{r['size'][1]} 1/{r['scale']} "
-                                                   f"{r['full_ms']:.1f}->{r['draft_ms']:.1f} ({r['speedup']:.1f}x)"
+                                                   f"{r['full_ms']:.1f}->{r['draft_ms']:.1f} ({r['speedup']['median']:.1f}x)"
                                                    for r in rows))
 
     jpegs = corpus(photos, args.quality)
