@@ -127,6 +127,37 @@ def test_fused_kernel_writes_the_channel_shuffle(split):
         session.run(None, {"x": x.numpy(), "a": a[:, :, :6].numpy().copy()})
 
 
+@pytest.mark.parametrize("a_first", [True, False])
+def test_shuffle_folding_only_where_the_graph_is_that_shuffle(a_first):
+    """concat(a, y) then the shuffle folds (here into GroupAttentionShuffle: the map is a graph output, no Split
+    reads it); concat(y, a) puts y in the even channels, which the ops do not write, and must stay as it is."""
+    from ganet.export.ort_fused import _fold_shuffles
+
+    block = _randomise(GroupAttention(60, 15), seed=5).eval()
+    graph = _single_block_graph(block, (2, 60, 6, 6))
+    g = graph.graph
+    g.input.append(helper.make_tensor_value_info("a", TensorProto.FLOAT, ["b", 60, 6, 6]))
+    del g.output[:]
+    g.output.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
+    g.initializer.extend([onnx.numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+                          onnx.numpy_helper.from_array(np.array([-1, 120, 6, 6], np.int64), "shape")])
+    pair = ["ua", "uy"] if a_first else ["uy", "ua"]
+    g.node.extend([helper.make_node("Unsqueeze", ["a", "axis2"], ["ua"]),
+                   helper.make_node("Unsqueeze", ["y", "axis2"], ["uy"]),
+                   helper.make_node("Concat", pair, ["stacked"], axis=2),
+                   helper.make_node("Reshape", ["stacked", "shape"], ["z"])])
+    folded = onnx.ModelProto()
+    folded.CopyFrom(graph)
+    nodes = _fold_shuffles(list(folded.graph.node), folded.graph)
+    del folded.graph.node[:]
+    folded.graph.node.extend(nodes)
+    ops = [n.op_type for n in folded.graph.node]
+    assert ops == ([OP_TYPE_SHUFFLE] if a_first else [OP_TYPE, "Unsqueeze", "Unsqueeze", "Concat", "Reshape"])
+    feeds = {"x": np.random.default_rng(1).normal(size=(2, 60, 6, 6)).astype(np.float32),
+             "a": np.random.default_rng(2).normal(size=(2, 60, 6, 6)).astype(np.float32)}
+    assert np.array_equal(_session(folded).run(None, feeds)[0], _session(graph).run(None, feeds)[0])
+
+
 def _exported(tmp_path: Path, name: str, **kwargs) -> tuple[onnx.ModelProto, torch.nn.Module, Preprocessing]:
     """A dynamo export (as ganet-export makes it) of ``name`` with randomised GA parameters and data BN statistics."""
     torch.manual_seed(0)
