@@ -124,6 +124,7 @@ def test_cli_writes_the_documented_directory(exported, checkpoint):
     fused = m.artifact("onnx_fused")  # the CPU graph: each GA block one ganet.ops node, with its unit's shuffle
     assert fused.file == "model.fused.onnx" and fused.info["blocks"] == 16 and m.onnx["fused_group_attention"] == 16
     assert fused.info["shuffles_folded"] == 16 and "GroupAttentionShuffleSplit" in fused.info["custom_op"]
+    assert fused.info["stem_fused"] is False  # the CIFAR stem: a 3x3/1 conv, no max pool
     assert m.parity["onnx_fused"]["passed"] and m.parity["onnx_fused"]["max_abs"] <= 2e-4
     assert (out / "labels.txt").read_text().splitlines() == [str(i) for i in range(10)]
     onnx_parity = m.parity["onnx"]

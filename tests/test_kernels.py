@@ -21,8 +21,8 @@ from onnx import TensorProto, helper
 import ganet.kernels
 from ganet.export.onnx_export import ImageModel, export_onnx
 from ganet.export.ort_fused import FusionError, _weights, fuse_group_attention, has_fused_ops
-from ganet.kernels import DOMAIN, LIBRARY_ENV, OP_TYPE, OP_TYPE_SHUFFLE, OP_TYPE_SHUFFLE_SPLIT, OPSET_VERSION, \
-    KernelUnavailable, build_library, library_path, register_kernels
+from ganet.kernels import DOMAIN, LIBRARY_ENV, OP_TYPE, OP_TYPE_SHUFFLE, OP_TYPE_SHUFFLE_SPLIT, OP_TYPE_STEM, \
+    OPSET_VERSION, KernelUnavailable, build_library, library_path, register_kernels
 from ganet.layers.group_attention import GroupAttention
 from ganet.models import create_model
 from ganet.preprocess import Preprocessing
@@ -158,6 +158,79 @@ def test_shuffle_folding_only_where_the_graph_is_that_shuffle(a_first):
     assert np.array_equal(_session(folded).run(None, feeds)[0], _session(graph).run(None, feeds)[0])
 
 
+def _stem_graphs(channels: int, h: int, w: int, seed: int = 0) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """The ImageNet stem as the exporter writes it (Cast, Mul, Add, Conv 3x3/2, Relu, MaxPool 3x3/2) and as one
+    ganet.ops::Stem node, with the same random weights, bias and ImageNet normalisation."""
+    rng = np.random.default_rng(seed)
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    scale, shift = (1 / (255 * std)).astype(np.float32), (-mean / std).astype(np.float32)
+    weight = rng.normal(0, 0.3, (channels, 3, 3, 3)).astype(np.float32)
+    bias = rng.normal(0, 0.5, channels).astype(np.float32)
+    inits = [onnx.numpy_helper.from_array(a, n) for n, a in
+             (("scale4", scale.reshape(1, 3, 1, 1)), ("shift4", shift.reshape(1, 3, 1, 1)), ("w", weight),
+              ("b", bias), ("scale", scale), ("shift", shift))]
+    x = helper.make_tensor_value_info("image", TensorProto.UINT8, ["b", 3, h, w])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    k3s2 = {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}
+    standard = helper.make_graph([helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT),
+                                  helper.make_node("Mul", ["f", "scale4"], ["m"]),
+                                  helper.make_node("Add", ["m", "shift4"], ["n"]),
+                                  helper.make_node("Conv", ["n", "w", "b"], ["c"], **k3s2),
+                                  helper.make_node("Relu", ["c"], ["r"]),
+                                  helper.make_node("MaxPool", ["r"], ["y"], **k3s2)], "stem", [x], [y], inits[:4])
+    fused = helper.make_graph([helper.make_node(OP_TYPE_STEM, ["image", "scale", "shift", "w", "b"], ["y"],
+                                                domain=DOMAIN)], "stem", [x], [y], inits[2:])
+    return (helper.make_model(standard, opset_imports=[helper.make_opsetid("", 18)]),
+            helper.make_model(fused, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid(DOMAIN, OPSET_VERSION)]))
+
+
+# (channels, H, W, batch): the 224x224 stem, odd and even sizes (the pool's and conv's edges), tiny maps
+@pytest.mark.parametrize("channels,h,w,batch", [(24, 224, 224, 2), (24, 225, 223, 2), (24, 65, 47, 3),
+                                                (20, 7, 9, 2), (8, 1, 1, 1), (24, 2, 3, 2)])
+def test_stem_node_matches_the_exported_stem(channels, h, w, batch):
+    standard, fused = _stem_graphs(channels, h, w)
+    images = np.random.default_rng(h * w).integers(0, 256, (batch, 3, h, w), dtype=np.uint8)
+    (expected,) = _session(standard).run(None, {"image": images})
+    (got,) = _session(fused).run(None, {"image": images})
+    assert got.shape == expected.shape == (batch, channels, ((h - 1) // 2) // 2 + 1, ((w - 1) // 2) // 2 + 1)
+    # fp32 rounding of a 27-term sum, in another order (and the normalisation as one multiply-add)
+    assert np.abs(got - expected).max() <= 1e-5 * float(np.abs(expected).max()) and np.abs(expected).max() > 1
+
+
+def test_stem_node_names_a_bad_weight():
+    _, fused = _stem_graphs(24, 16, 16)
+    w = next(t for t in fused.graph.initializer if t.name == "w")
+    w.CopyFrom(onnx.numpy_helper.from_array(np.zeros((24, 3, 5, 5), np.float32), "w"))
+    with pytest.raises(Exception, match=r"Stem weight has shape \(24, 3, 5, 5\); expected \(C, 3, 3, 3\)"):
+        _session(fused).run(None, {"image": np.zeros((1, 3, 16, 16), np.uint8)})
+
+
+def test_imagenet_stem_is_fused_in_the_network(tmp_path):
+    """ga_shufflenet_v2 (the ImageNet stem; 64x64 keeps it quick): one Stem node instead of Cast ... MaxPool, and the
+    same logits as the fused graph that keeps them."""
+    torch.manual_seed(0)
+    model = _randomise(create_model("ga_shufflenet_v2", num_classes=10))
+    for bn in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        with torch.no_grad():  # BatchNorm folded into the conv leaves it a bias
+            bn.running_mean.normal_(0, 0.5), bn.running_var.uniform_(0.5, 2.0), bn.bias.normal_(0, 0.3)
+    model.eval()
+    prep = Preprocessing.for_input_size(64)
+    export_onnx(model, prep, tmp_path / "model.onnx")
+    proto, wrapped = onnx.load(str(tmp_path / "model.onnx")), ImageModel(model, prep)
+    fused, _ = fuse_group_attention(proto, wrapped)
+    kept, _ = fuse_group_attention(proto, wrapped, fuse_stem=False)
+    ops = [n.op_type for n in fused.graph.node]
+    assert ops.count(OP_TYPE_STEM) == 1 and not {"MaxPool", "Cast", "Mul", "Add"} & set(ops)
+    assert {"MaxPool", "Cast"} <= {n.op_type for n in kept.graph.node}
+    onnx.checker.check_model(fused)
+    images = np.random.default_rng(0).integers(0, 256, (3, 3, 64, 64), dtype=np.uint8)
+    (got,) = _session(fused).run(None, {"image": images})
+    (expected,) = _session(kept).run(None, {"image": images})
+    assert np.abs(got - expected).max() <= 1e-5 * max(float(np.abs(expected).max()), 1.0)
+    assert (got.argmax(1) == expected.argmax(1)).all()
+
+
 def _exported(tmp_path: Path, name: str, **kwargs) -> tuple[onnx.ModelProto, torch.nn.Module, Preprocessing]:
     """A dynamo export (as ganet-export makes it) of ``name`` with randomised GA parameters and data BN statistics."""
     torch.manual_seed(0)
@@ -197,6 +270,7 @@ def test_fused_graph_matches_pytorch_and_has_one_node_per_block(exported_ga):
     ops = [n.op_type for n in fused.graph.node]
     assert ops.count(OP_TYPE_SHUFFLE_SPLIT) == 13 and ops.count(OP_TYPE_SHUFFLE) == 3
     assert not {"Concat", "Split", "Unsqueeze"} & set(ops)
+    assert OP_TYPE_STEM not in ops  # the CIFAR stem (3x3/1 conv, no max pool) is not the ImageNet one
     onnx.checker.check_model(fused)
     images = np.random.default_rng(0).integers(0, 256, (8, 3, 32, 32), dtype=np.uint8)
     wrapped = ImageModel(model, prep)

@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DOMAIN", "OP_TYPE", "OP_TYPE_SHUFFLE", "OP_TYPE_SHUFFLE_SPLIT", "SOURCE", "LIBRARY_ENV", "KernelUnavailable", "library_path", "build_library",
+__all__ = ["DOMAIN", "OP_TYPE", "OP_TYPE_SHUFFLE", "OP_TYPE_SHUFFLE_SPLIT", "OP_TYPE_STEM", "SOURCE", "LIBRARY_ENV", "KernelUnavailable", "library_path", "build_library",
            "compile_flags", "register_kernels"]
 
 DOMAIN = "ganet.ops"
@@ -32,6 +32,8 @@ OP_TYPE = "GroupAttention"
 # see group_attention.c's header.
 OP_TYPE_SHUFFLE = "GroupAttentionShuffle"
 OP_TYPE_SHUFFLE_SPLIT = "GroupAttentionShuffleSplit"
+# The ImageNet stem (normalise, 3x3/2 conv, ReLU, 3x3/2 max pool) in one pass: see group_attention.c's header.
+OP_TYPE_STEM = "Stem"
 OPSET_VERSION = 1
 SOURCE = Path(__file__).with_name("group_attention.c")
 LIBRARY_NAME = "libganet_ops.so"

@@ -22,6 +22,12 @@
  *   GroupAttentionShuffle        output z (B, 2C, H, W)
  *   GroupAttentionShuffleSplit   outputs z[:, :C], z[:, C:] (B, C, H, W) each, the next unit's two halves
  *
+ * And one op for the ImageNet stem, which ONNX Runtime runs as five nodes and three layout changes (the max pool's
+ * 24 channels are no multiple of its AVX-512 NCHWc block): ganet.ops::Stem, uint8 image -> (x * scale + shift)
+ * -> 3x3 stride-2 conv (pad 1) + bias -> ReLU -> 3x3 stride-2 max pool (pad 1), in one pass per sample.
+ *   inputs  0 image (B, 3, H, W) uint8, 1 scale (3), 2 shift (3), 3 weight (C, 3, 3, 3), 4 bias (C)   (float32)
+ *   output  (B, C, Hp, Wp) with Hc = (H - 1) / 2 + 1, Hp = (Hc - 1) / 2 + 1 (the same for W)
+ *
  * Per (sample, group), with u = sigmoid(norm(u_logits)) (eqs. 1, 8, 9):
  *   pool   = softmax_n(norm(sum_k pw_k x_k u))        eq. (3)
  *   assign = sigmoid(norm(sum_k aw_k x_k u))          eq. (5)
@@ -53,7 +59,7 @@ typedef struct OrtSessionOptions OrtSessionOptions;
 typedef struct OrtCustomOpDomain OrtCustomOpDomain;
 typedef struct OrtTensorTypeAndShapeInfo OrtTensorTypeAndShapeInfo;
 
-enum { ORT_ELEMENT_FLOAT = 1 };            /* ONNXTensorElementDataType */
+enum { ORT_ELEMENT_FLOAT = 1, ORT_ELEMENT_UINT8 = 2 }; /* ONNXTensorElementDataType */
 enum { ORT_FAIL = 1, ORT_INVALID_ARGUMENT = 2 }; /* OrtErrorCode */
 
 /* The OrtApi entries this library calls, by index into the struct of function pointers. */
@@ -130,7 +136,7 @@ typedef struct OrtCustomOp {
 } OrtCustomOp;
 
 /* What a node writes (see the header): y, the shuffled z, or z's two halves. */
-enum { MODE_PLAIN = 0, MODE_SHUFFLE = 1, MODE_SHUFFLE_SPLIT = 2 };
+enum { MODE_PLAIN = 0, MODE_SHUFFLE = 1, MODE_SHUFFLE_SPLIT = 2, MODE_STEM = 3 };
 
 typedef struct {
     OrtCustomOp base; /* first, so that ONNX Runtime's OrtCustomOp pointer is also a GanetOp pointer */
@@ -567,17 +573,201 @@ static const char *run_node(const GroupAttentionKernel *k, OrtKernelContext *ctx
     return job.failed ? "ganet.ops::GroupAttention: out of memory" : NULL;
 }
 
-static void compute(void *kernel, OrtKernelContext *ctx) { (void)run_node(kernel, ctx); }
+/* ---- the stem ------------------------------------------------------------------------------------------ */
+
+/* The conv's padded input row P (P[0] and P[W + 1] are the zero padding, P[q] = norm(image[q - 1])) is kept as four
+ * phase planes, ph[k][j] = P[4j + k]: conv output x reads P[2x .. 2x + 2], so the even outputs x = 2j read
+ * ph0[j], ph1[j], ph2[j] and the odd ones x = 2j + 1 read ph2[j], ph3[j], ph0[j + 1] -- contiguous vectors either
+ * way. The conv rows are written the same way, even and odd outputs apart, which is what the stride-2 pool reads:
+ * pool output p = max(conv[2p - 1], conv[2p], conv[2p + 1]) = max(odd[p - 1], even[p], odd[p]). Values after the
+ * ReLU are >= 0, so the pool's padding can be 0 instead of -inf. */
+#define STEM_CB 8 /* output channels per register block */
+
+typedef struct {
+    const uint8_t *image;
+    float *out;
+    const float *w;     /* (C_pad, 27) weights, zero beyond C */
+    const float *bias;  /* (C_pad) */
+    float scale[3], shift[3];
+    int64_t h, w_in, c, c_pad, hc, wc, hp, wp;
+    int64_t plane;      /* floats per phase plane (>= (W + 2) / 4 + 1, a multiple of GEMM_PIXELS, + slack) */
+    int64_t half;       /* floats per even/odd conv row plane (+ 1 leading zero for odd[-1]) */
+    int failed;
+} StemJob;
+
+/* P row r (0 .. H + 1) of every input channel, normalised, into its 4 phase planes: (3, 4, plane) floats. */
+static void stem_input_row(const StemJob *job, const uint8_t *img, int64_t r, float *restrict dst) {
+    memset(dst, 0, (size_t)(3 * 4 * job->plane) * sizeof(float));
+    if (r < 1 || r > job->h) return; /* a padding row */
+    for (int ch = 0; ch < 3; ++ch) {
+        const uint8_t *row = img + (ch * job->h + r - 1) * job->w_in;
+        float *phases = dst + ch * 4 * job->plane;
+        const float s = job->scale[ch], t = job->shift[ch];
+        for (int k = 0; k < 4; ++k) { /* phase k holds P[4j + k] = norm(row[4j + k - 1]) */
+            float *restrict dst_k = phases + k * job->plane;
+            const int64_t first = k == 0 ? 1 : 0, end = job->w_in >= k ? (job->w_in - k) / 4 + 1 : 0; /* 4j + k in [1, W] */
+            for (int64_t j = first; j < end; ++j) dst_k[j] = (float)row[4 * j + k - 1] * s + t;
+        }
+    }
+}
+
+static inline float max3(float a, float b, float c) {
+    const float m = a > b ? a : b;
+    return m > c ? m : c;
+}
+
+/* One pool output row of one channel from its three conv rows r0..r2 (a row repeated where the window has fewer):
+ * out[p] = max(odd[p - 1], even[p], odd[p]) over the rows. */
+static void stem_pool_row(const float *restrict r0, const float *restrict r1, const float *restrict r2, int64_t half,
+                          int64_t wp, float *restrict out, float *restrict ev, float *restrict od) {
+    for (int64_t j = 0; j <= wp; ++j) {
+        ev[j] = max3(r0[j], r1[j], r2[j]);
+        od[j] = max3(r0[half + j], r1[half + j], r2[half + j]); /* od[j] = odd[j - 1]: odd[-1] is the zero first */
+    }
+    for (int64_t px = 0; px < wp; ++px) {
+        const float m = ev[px] > od[px] ? ev[px] : od[px];
+        out[px] = od[px + 1] > m ? od[px + 1] : m;
+    }
+}
+
+/* Conv row y: ``rows`` are P rows 2y, 2y + 1, 2y + 2 (phase planes); writes even/odd planes of every channel,
+ * (c_pad, 2, half): even at [0, half), odd at [half + 1, ...) with odd[-1] = 0. Bias and ReLU applied. */
+static void stem_conv_row(const StemJob *job, const float *const rows[3], float *restrict conv) {
+    const int64_t plane = job->plane, half = job->half;
+    const int64_t n_even = (job->wc + 1) / 2, n_odd = job->wc / 2;
+    for (int64_t c0 = 0; c0 < job->c_pad; c0 += STEM_CB) {
+        const float *restrict w = job->w + c0 * 27;
+        for (int parity = 0; parity < 2; ++parity) {
+            const int64_t count = parity ? n_odd : n_even;
+            /* the three taps of a kernel row: (phase, offset) */
+            const int tap_phase[2][3] = {{0, 1, 2}, {2, 3, 0}};
+            const int tap_shift[2][3] = {{0, 0, 0}, {0, 0, 1}};
+            for (int64_t j = 0; j < count; j += GEMM_PIXELS) {
+                pixels_v acc[STEM_CB];
+                for (int k = 0; k < STEM_CB; ++k)
+                    for (int l = 0; l < GEMM_PIXELS; ++l) acc[k][l] = job->bias[c0 + k];
+                for (int ky = 0; ky < 3; ++ky)
+                    for (int ch = 0; ch < 3; ++ch)
+                        for (int kx = 0; kx < 3; ++kx) {
+                            pixels_v xv;
+                            memcpy(&xv, rows[ky] + (ch * 4 + tap_phase[parity][kx]) * plane + j +
+                                            tap_shift[parity][kx], sizeof xv);
+                            const int tap = (ch * 3 + ky) * 3 + kx; /* the ONNX weight order (C, 3, kH, kW) */
+                            for (int k = 0; k < STEM_CB; ++k) acc[k] += w[k * 27 + tap] * xv;
+                        }
+                for (int k = 0; k < STEM_CB; ++k) {
+                    float *dst = conv + (c0 + k) * 2 * half + (parity ? half + 1 : 0) + j;
+                    for (int l = 0; l < GEMM_PIXELS; ++l) dst[l] = acc[k][l] > 0.f ? acc[k][l] : 0.f;
+                }
+            }
+            if (parity) /* the pool reads odd[n_odd] at the right edge when W is odd: it is padding */
+                for (int64_t k = 0; k < STEM_CB; ++k) {
+                    float *odd = conv + (c0 + k) * 2 * half + half;
+                    odd[0] = 0.f;
+                    for (int64_t j = n_odd; j < half - 1; ++j) odd[1 + j] = 0.f;
+                }
+        }
+    }
+}
+
+static void stem_sample(void *arg, size_t s) {
+    StemJob *job = arg;
+    const int64_t plane = job->plane, half = job->half, in_row = 3 * 4 * plane, conv_row = job->c_pad * 2 * half;
+    float *scratch = thread_scratch((size_t)(3 * in_row + 3 * conv_row + 2 * half + 2 + GEMM_PIXELS));
+    if (!scratch) {
+        __atomic_store_n(&job->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    float *in_ring = scratch, *conv_ring = scratch + 3 * in_row, *pool_tmp = conv_ring + 3 * conv_row;
+    const uint8_t *img = job->image + (int64_t)s * 3 * job->h * job->w_in;
+    float *out = job->out + (int64_t)s * job->c * job->hp * job->wp;
+    int64_t have_in = -1, have_conv = -1; /* the last P row / conv row computed */
+    for (int64_t py = 0; py < job->hp; ++py) {
+        /* conv rows 2py - 1 .. 2py + 1 (those that exist), each computed once, in a ring of three */
+        const int64_t last = 2 * py + 1 < job->hc ? 2 * py + 1 : job->hc - 1;
+        while (have_conv < last) {
+            const int64_t y = ++have_conv;
+            while (have_in < 2 * y + 2) {
+                ++have_in;
+                stem_input_row(job, img, have_in, in_ring + (have_in % 3) * in_row);
+            }
+            const float *rows[3] = {in_ring + ((2 * y) % 3) * in_row, in_ring + ((2 * y + 1) % 3) * in_row,
+                                    in_ring + ((2 * y + 2) % 3) * in_row};
+            stem_conv_row(job, rows, conv_ring + (y % 3) * conv_row);
+        }
+        float *ev = pool_tmp, *od = pool_tmp + half + 1;
+        for (int64_t c = 0; c < job->c; ++c) {
+            const float *rows[3];
+            int n = 0;
+            for (int64_t y = 2 * py - 1; y <= 2 * py + 1; ++y) /* padding rows: 0 changes no max of values >= 0 */
+                if (y >= 0 && y < job->hc) rows[n++] = conv_ring + (y % 3) * conv_row + c * 2 * half;
+            while (n < 3) rows[n] = rows[n - 1], ++n; /* (a repeated row changes no max) */
+            stem_pool_row(rows[0], rows[1], rows[2], half, job->wp, out + (c * job->hp + py) * job->wp, ev, od);
+        }
+    }
+}
+
+/* Runs one Stem node; returns NULL, or what went wrong. */
+static const char *run_stem(OrtKernelContext *ctx) {
+    int64_t id[4], sd[4], td[4], wd[4], bd[4];
+    size_t in = 0, sn = 0, tn = 0, wn = 0, bn = 0;
+    const uint8_t *image = (const uint8_t *)input_data(ctx, 0, id, &in);
+    const float *scale = input_data(ctx, 1, sd, &sn), *shift = input_data(ctx, 2, td, &tn);
+    const float *weight = input_data(ctx, 3, wd, &wn), *bias = input_data(ctx, 4, bd, &bn);
+    if (!image || !scale || !shift || !weight || !bias) return "ganet.ops::Stem: cannot read its inputs";
+    if (in != 4 || id[1] != 3 || id[2] < 1 || id[3] < 1)
+        return shape_error("Stem image", id, in, "(B, 3, H, W) uint8");
+    if (wn != 4 || wd[0] < 1 || wd[1] != 3 || wd[2] != 3 || wd[3] != 3)
+        return shape_error("Stem weight", wd, wn, "(C, 3, 3, 3)");
+    if (bn != 1 || bd[0] != wd[0]) return shape_error("Stem bias", bd, bn, "(C)");
+    if (sn != 1 || sd[0] != 3 || tn != 1 || td[0] != 3) return shape_error("Stem scale", sd, sn, "(3), and shift (3)");
+    StemJob job = {image, NULL, NULL, NULL, {scale[0], scale[1], scale[2]}, {shift[0], shift[1], shift[2]},
+                   id[2], id[3], wd[0], (wd[0] + STEM_CB - 1) / STEM_CB * STEM_CB, 0, 0, 0, 0, 0, 0, 0};
+    job.hc = (job.h - 1) / 2 + 1, job.wc = (job.w_in - 1) / 2 + 1;
+    job.hp = (job.hc - 1) / 2 + 1, job.wp = (job.wc - 1) / 2 + 1;
+    const int64_t tiles = ((job.wc + 1) / 2 + GEMM_PIXELS - 1) / GEMM_PIXELS;
+    job.plane = tiles * GEMM_PIXELS + GEMM_PIXELS; /* vector loads up to j + GEMM_PIXELS (+1 for the odd taps) */
+    job.half = tiles * GEMM_PIXELS + 1;
+    const int64_t od[4] = {id[0], wd[0], job.hp, job.wp};
+    job.out = output_data(ctx, 0, od);
+    if (!job.out) return "ganet.ops::Stem: cannot allocate its output";
+    float *w = calloc((size_t)(job.c_pad * 28), sizeof(float)); /* (c_pad, 27) weights, then (c_pad) biases */
+    if (!w) return "ganet.ops::Stem: out of memory";
+    memcpy(w, weight, (size_t)(job.c * 27) * sizeof(float));
+    memcpy(w + job.c_pad * 27, bias, (size_t)job.c * sizeof(float));
+    job.w = w, job.bias = w + job.c_pad * 27;
+    int done = 0;
+    if (g_has_parallel_for && id[0] > 1) {
+        OrtStatus *st = API(g_api, KernelContextParallelFor)(ctx, stem_sample, (size_t)id[0], 0, &job);
+        if (st)
+            API(g_api, ReleaseStatus)(st);
+        else
+            done = 1;
+    }
+    if (!done)
+        for (int64_t s = 0; s < id[0]; ++s) stem_sample(&job, (size_t)s);
+    free(w);
+    return job.failed ? "ganet.ops::Stem: out of memory" : NULL;
+}
+
+static const char *run_any(const GroupAttentionKernel *k, OrtKernelContext *ctx) {
+    return k->mode == MODE_STEM ? run_stem(ctx) : run_node(k, ctx);
+}
+
+static void compute(void *kernel, OrtKernelContext *ctx) { (void)run_any(kernel, ctx); }
 
 static OrtStatus *compute_v2(void *kernel, OrtKernelContext *ctx) {
-    const char *error = run_node(kernel, ctx);
+    const char *error = run_any(kernel, ctx);
     return error ? API(g_api, CreateStatus)(ORT_INVALID_ARGUMENT, error) : NULL;
 }
 
 static void destroy_kernel(void *kernel) { free(kernel); }
 static const char *op_name(const OrtCustomOp *op) { return ((const GanetOp *)op)->name; }
 static const char *op_provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
-static int op_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return ORT_ELEMENT_FLOAT; }
+static int op_input_type(const OrtCustomOp *op, size_t i) {
+    return ((const GanetOp *)op)->mode == MODE_STEM && i == 0 ? ORT_ELEMENT_UINT8 : ORT_ELEMENT_FLOAT;
+}
+static int op_output_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return ORT_ELEMENT_FLOAT; }
 static size_t op_inputs(const OrtCustomOp *op) { return ((const GanetOp *)op)->mode == MODE_PLAIN ? 4 : 5; }
 static size_t op_outputs(const OrtCustomOp *op) { return ((const GanetOp *)op)->mode == MODE_SHUFFLE_SPLIT ? 2 : 1; }
 static int op_required(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; } /* INPUT_OUTPUT_REQUIRED */
@@ -585,13 +775,15 @@ static int op_memory(const OrtCustomOp *op, size_t i) { (void)op; (void)i; retur
 static int op_one(const OrtCustomOp *op) { (void)op; return 1; } /* variadic arity: unused, no input is variadic */
 
 #define GANET_OP(MODE, NAME)                                                                                       \
-    {{ORT_API_VERSION_USED, create_kernel, op_name, op_provider, op_type, op_inputs, op_type, op_outputs, compute,  \
+    {{ORT_API_VERSION_USED, create_kernel, op_name, op_provider, op_input_type, op_inputs, op_output_type,        \
+      op_outputs, compute,                                                                                         \
       destroy_kernel, op_required, op_required, op_memory, op_one, op_one, op_one, op_one, NULL, compute_v2},       \
      MODE, NAME}
 static GanetOp kOps[] = { /* (not const: RegisterCustomOps sets the version the runtime serves) */
     GANET_OP(MODE_PLAIN, "GroupAttention"),
     GANET_OP(MODE_SHUFFLE, "GroupAttentionShuffle"),
     GANET_OP(MODE_SHUFFLE_SPLIT, "GroupAttentionShuffleSplit"),
+    GANET_OP(MODE_STEM, "Stem"),
 };
 #undef GANET_OP
 
