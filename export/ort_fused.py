@@ -24,13 +24,14 @@ in one pass per sample (about 0.35 instead of 0.7 ms per 224x224 image here).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from ganet.export.fp16 import STRUCTURAL, _index, _scopes
+from ganet.export.trt_ops import _attr, _Graph
 from ganet.kernels import DOMAIN, OP_TYPE, OP_TYPE_SHUFFLE, OP_TYPE_SHUFFLE_SPLIT, OP_TYPE_STEM, OPSET_VERSION
 
 __all__ = ["FUSED_FILE", "FusionError", "fuse_group_attention", "has_fused_ops"]
@@ -134,13 +135,14 @@ def fuse_group_attention(model: onnx.ModelProto, root: Any, fold_shuffles: bool 
             kept.append(replacement[id(node)])
         if id(node) not in removed:
             kept.append(node)
-    graph.initializer.extend(new_initializers)
-    if fold_shuffles:
-        kept = _fold_shuffles(kept, graph)
-    if fuse_stem:
-        kept = _fuse_stem(kept, graph)
     del graph.node[:]
     graph.node.extend(kept)
+    graph.initializer.extend(new_initializers)
+    for enabled, fold in ((fold_shuffles, _fold_shuffles), (fuse_stem, _fuse_stem)):
+        if enabled:
+            nodes = fold(_Graph(graph, types={}, outer_constants=set()))
+            del graph.node[:]
+            graph.node.extend(nodes)
     used = {i for n in graph.node for i in n.input}
     unused = [t for t in graph.initializer if t.name not in used]
     for t in unused:
@@ -150,105 +152,84 @@ def fuse_group_attention(model: onnx.ModelProto, root: Any, fold_shuffles: bool 
     return out, len(replacement)
 
 
-def _constant(graph: onnx.GraphProto, producer: dict[str, onnx.NodeProto], name: str) -> np.ndarray | None:
-    """The value of an initializer or Constant node, else None."""
-    for t in graph.initializer:
-        if t.name == name:
-            return numpy_helper.to_array(t)
-    node = producer.get(name)
-    if node is not None and node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-        return numpy_helper.to_array(node.attribute[0].t)
-    return None
+def _only_reader(g: _Graph, name: str, op_type: str | None = None) -> onnx.NodeProto | None:
+    """The one node that reads ``name`` (of ``op_type``, a standard op, if given); None if the tensor has other
+    readers or is a graph output: only then may the fusion make it disappear."""
+    readers = g.consumers.get(name, [])
+    if len(readers) != 1 or name in g.outputs:
+        return None
+    if op_type is not None and (readers[0].op_type != op_type or readers[0].domain):
+        return None
+    return readers[0]
 
 
-def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+class _Shuffle(NamedTuple):
+    """A GA node's shuffle as exported: concat(a, y) of its output y with the other branch a, and what it writes."""
+    a: str
+    concat: onnx.NodeProto
+    nodes: list[onnx.NodeProto]  # Unsqueeze, Unsqueeze, Concat, Reshape[, Split]: what the folded node replaces
+    outputs: list[str]  # [the shuffled map] or, where a Split into halves is its only reader, [its two halves]
 
 
-def _match_shuffle(node: onnx.NodeProto, graph: onnx.GraphProto, producer: dict[str, onnx.NodeProto],
-                   consumers: dict[str, list[onnx.NodeProto]], channels: int
-                   ) -> tuple[str, list[onnx.NodeProto], list[str]] | None:
-    """For a GA node whose output y is shuffled with a branch a, ``(a, nodes to remove, outputs)``: the outputs are
-    [the shuffled map] or, where a Split into halves is its only reader, [its two halves]. None if not that shape."""
-    outside = {o.name for o in graph.output}
-
-    def only_reader(name: str) -> onnx.NodeProto | None:
-        readers = consumers.get(name, [])
-        return readers[0] if len(readers) == 1 and name not in outside else None
-
+def _match_shuffle(node: onnx.NodeProto, g: _Graph, channels: int) -> _Shuffle | None:
+    """The shuffle after GA node ``node`` (``channels`` wide), or None if the graph there is not exactly that."""
     def unsqueezes_axis_2(n: onnx.NodeProto | None) -> bool:
         if n is None or n.op_type != "Unsqueeze":
             return False
-        axes = _constant(graph, producer, n.input[1]) if len(n.input) > 1 else _attr(n, "axes")
+        axes = g.constant_value(n.input[1]) if len(n.input) > 1 else _attr(n, "axes")
         return axes is not None and list(np.atleast_1d(axes)) == [2]
 
-    y = node.output[0]
-    unsq_y = only_reader(y)
-    concat = only_reader(unsq_y.output[0]) if unsqueezes_axis_2(unsq_y) else None
-    if concat is None or concat.op_type != "Concat" or _attr(concat, "axis") != 2 or len(concat.input) != 2 \
-            or concat.input[1] != unsq_y.output[0]:
+    unsq_y = _only_reader(g, node.output[0])
+    concat = _only_reader(g, unsq_y.output[0], "Concat") if unsqueezes_axis_2(unsq_y) else None
+    if concat is None or _attr(concat, "axis") != 2 or list(concat.input[1:]) != [unsq_y.output[0]]:
         return None  # (y must be the odd channels: concat(a, y), the order _concat_shuffle writes)
-    unsq_a = producer.get(concat.input[0])
-    if not unsqueezes_axis_2(unsq_a) or only_reader(unsq_a.output[0]) is not concat:
+    unsq_a = g.producer.get(concat.input[0])
+    if not unsqueezes_axis_2(unsq_a) or _only_reader(g, unsq_a.output[0]) is not concat:
         return None
-    reshape = only_reader(concat.output[0])
-    shape = _constant(graph, producer, reshape.input[1]) if reshape is not None and reshape.op_type == "Reshape" \
-        else None
+    reshape = _only_reader(g, concat.output[0], "Reshape")
+    shape = g.constant_value(reshape.input[1]) if reshape is not None else None
     if shape is None or len(shape) != 4 or shape[0] != -1 or shape[1] != 2 * channels or min(shape[2:]) < 1:
         return None
-    removed = [unsq_y, unsq_a, concat, reshape]
-    split = only_reader(reshape.output[0])
-    if split is not None and split.op_type == "Split" and _attr(split, "axis", 0) == 1 and len(split.output) == 2:
-        sizes = _constant(graph, producer, split.input[1]) if len(split.input) > 1 and split.input[1] else None
-        if (sizes is None and _attr(split, "split") in (None, [channels, channels])) or \
-                (sizes is not None and list(sizes) == [channels, channels]):
-            return unsq_a.input[0], removed + [split], list(split.output)
-    return unsq_a.input[0], removed, [reshape.output[0]]
+    nodes = [unsq_y, unsq_a, concat, reshape]
+    split = _only_reader(g, reshape.output[0], "Split")
+    if split is not None and _attr(split, "axis", 0) == 1 and len(split.output) == 2:
+        has_input = len(split.input) > 1 and bool(split.input[1])
+        sizes = g.constant_value(split.input[1]) if has_input else _attr(split, "split", [channels, channels])
+        if sizes is not None and list(sizes) == [channels, channels]:  # (no sizes: equal halves)
+            return _Shuffle(unsq_a.input[0], concat, nodes + [split], list(split.output))
+    return _Shuffle(unsq_a.input[0], concat, nodes, [reshape.output[0]])
 
 
-def _fold_shuffles(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """``nodes`` (topologically sorted) with the shuffle after each fused GA node folded into it (module docstring).
-    The folded node takes the Concat's place: both its inputs exist there, and every reader of its outputs (the
-    Reshape's or the Split's readers) comes later."""
-    producer, consumers = _index(nodes)
-    weights = {t.name: t for t in graph.initializer}
-    replaced: dict[int, onnx.NodeProto] = {}  # the Concat -> the folded node
+def _fold_shuffles(g: _Graph) -> list[onnx.NodeProto]:
+    """The graph's nodes with the shuffle after each fused GA node folded into it (module docstring). The folded
+    node takes the Concat's place: both its inputs exist there, and every reader of its outputs comes later."""
+    weights = {t.name: t for t in g.graph.initializer}
+    folded_at: dict[int, onnx.NodeProto] = {}  # id of the Concat -> the folded node
     removed: set[int] = set()
-    for node in nodes:
+    for node in g.graph.node:
         if node.domain != DOMAIN or node.op_type != OP_TYPE or node.input[1] not in weights:
             continue
-        channels = int(weights[node.input[1]].dims[1])  # u4u weight: (G, C)
-        match = _match_shuffle(node, graph, producer, consumers, channels)
-        if match is None:
+        shuffle = _match_shuffle(node, g, channels=int(weights[node.input[1]].dims[1]))  # u4u weight: (G, C)
+        if shuffle is None:
             continue
-        a, gone, outputs = match
         folded = onnx.NodeProto()
         folded.CopyFrom(node)
-        folded.op_type = OP_TYPE_SHUFFLE_SPLIT if len(outputs) == 2 else OP_TYPE_SHUFFLE
-        folded.input.append(a)
+        folded.op_type = OP_TYPE_SHUFFLE_SPLIT if len(shuffle.outputs) == 2 else OP_TYPE_SHUFFLE
+        folded.input.append(shuffle.a)
         del folded.output[:]
-        folded.output.extend(outputs)
-        replaced[id(gone[2])] = folded
-        removed |= {id(node), *(id(n) for n in gone)}
-    return [replaced.get(id(n), n) for n in nodes if id(n) not in removed or id(n) in replaced]
+        folded.output.extend(shuffle.outputs)
+        folded_at[id(shuffle.concat)] = folded
+        removed |= {id(node), *(id(n) for n in shuffle.nodes)}
+    return [folded_at.get(id(n), n) for n in g.graph.node if id(n) not in removed or id(n) in folded_at]
 
 
-def _fuse_stem(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    """``nodes`` with the ImageNet stem as one ``ganet.ops::Stem`` node, where the graph has exactly that stem:
-    a graph input -> Cast(float) -> Mul(per-channel scale) -> Add(per-channel shift) -> Conv(3 -> C, 3x3, stride 2,
-    pad 1) -> Relu -> MaxPool(3x3, stride 2, pad 1), each read only by the next. Else ``nodes`` unchanged."""
-    producer, consumers = _index(nodes)
-    inputs = {i.name for i in graph.input}
-    outside = {o.name for o in graph.output}
-
-    def only_reader(name: str, op_type: str) -> onnx.NodeProto | None:
-        readers = consumers.get(name, [])
-        ok = len(readers) == 1 and name not in outside and readers[0].op_type == op_type and not readers[0].domain
-        return readers[0] if ok else None
-
+def _fuse_stem(g: _Graph) -> list[onnx.NodeProto]:
+    """The graph's nodes with the ImageNet stem as one ``ganet.ops::Stem`` node, where the graph has exactly that
+    stem: a graph input -> Cast(float) -> Mul(per-channel scale) -> Add(per-channel shift) -> Conv(3 -> C, 3x3,
+    stride 2, pad 1) -> Relu -> MaxPool(3x3, stride 2, pad 1), each read only by the next. Else unchanged."""
     def per_channel(node: onnx.NodeProto, x: str) -> np.ndarray | None:
         other = [i for i in node.input if i != x]
-        value = _constant(graph, producer, other[0]) if len(other) == 1 else None
+        value = g.constant_value(other[0]) if len(other) == 1 else None
         return value.astype(np.float32).reshape(3) if value is not None and value.size == 3 and \
             value.shape in ((3,), (3, 1, 1), (1, 3, 1, 1)) else None
 
@@ -258,31 +239,32 @@ def _fuse_stem(nodes: list[onnx.NodeProto], graph: onnx.GraphProto) -> list[onnx
                 and _attr(node, "auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET") and not _attr(node, "ceil_mode")
                 and not _attr(node, "storage_order"))
 
+    nodes = list(g.graph.node)
     for cast in nodes:
-        if cast.op_type != "Cast" or cast.input[0] not in inputs or _attr(cast, "to") != onnx.TensorProto.FLOAT:
+        if cast.op_type != "Cast" or cast.input[0] not in g.inputs or _attr(cast, "to") != onnx.TensorProto.FLOAT:
             continue
-        mul = only_reader(cast.output[0], "Mul")
-        add = mul and only_reader(mul.output[0], "Add")
-        conv = add and only_reader(add.output[0], "Conv")
-        relu = conv and only_reader(conv.output[0], "Relu")
-        pool = relu and only_reader(relu.output[0], "MaxPool")
+        mul = _only_reader(g, cast.output[0], "Mul")
+        add = mul and _only_reader(g, mul.output[0], "Add")
+        conv = add and _only_reader(g, add.output[0], "Conv")
+        relu = conv and _only_reader(g, conv.output[0], "Relu")
+        pool = relu and _only_reader(g, relu.output[0], "MaxPool")
         if not pool or len(pool.output) != 1 or conv.input[0] != add.output[0]:
             continue
         scale, shift = per_channel(mul, cast.output[0]), per_channel(add, mul.output[0])
-        weight = _constant(graph, producer, conv.input[1])
-        bias = _constant(graph, producer, conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
+        weight = g.constant_value(conv.input[1])
+        bias = g.constant_value(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
         if scale is None or shift is None or weight is None or weight.ndim != 4 or weight.shape[1:] != (3, 3, 3) \
                 or _attr(conv, "group", 1) != 1 or not is_3x3_stride_2_pad_1(conv) or not is_3x3_stride_2_pad_1(pool):
             continue
         bias = np.zeros(weight.shape[0], np.float32) if bias is None else bias.astype(np.float32)
         weights = [numpy_helper.from_array(a, f"stem.{n}") for n, a in
                    (("scale", scale), ("shift", shift), ("weight", weight.astype(np.float32)), ("bias", bias))]
-        graph.initializer.extend(weights)
+        g.graph.initializer.extend(weights)
         stem = helper.make_node(OP_TYPE_STEM, [cast.input[0]] + [t.name for t in weights],
                                 [pool.output[0]], name="stem/fused", domain=DOMAIN)
-        gone = {id(n) for n in (cast, mul, add, conv, relu, pool)}
+        gone = {id(n) for n in (mul, add, conv, relu, pool)}
         # the node takes the Cast's place: it reads only a graph input and initializers
-        return [stem if n is cast else n for n in nodes if id(n) not in gone or n is cast]
+        return [stem if n is cast else n for n in nodes if id(n) not in gone]
     return nodes
 
 

@@ -1,5 +1,6 @@
 """Native CPU kernels for ONNX Runtime: the fused Group Attention custom ops (``ganet.ops::GroupAttention``, and
-``GroupAttentionShuffle[Split]``, which also write the ShuffleNetV2 channel shuffle that follows the block).
+``GroupAttentionShuffle[Split]``, which also write the ShuffleNetV2 channel shuffle that follows the block) and the
+fused ImageNet stem (``ganet.ops::Stem``).
 
 Standard ONNX has no op that fuses a per-pixel scale with a rank-1 update, so the exported GA block makes about nine
 full passes over its feature map on a CPU. ``group_attention.c`` computes a whole block per sample while the
@@ -23,8 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DOMAIN", "OP_TYPE", "OP_TYPE_SHUFFLE", "OP_TYPE_SHUFFLE_SPLIT", "OP_TYPE_STEM", "SOURCE", "LIBRARY_ENV", "KernelUnavailable", "library_path", "build_library",
-           "compile_flags", "register_kernels"]
+__all__ = ["DOMAIN", "OP_TYPE", "OP_TYPE_SHUFFLE", "OP_TYPE_SHUFFLE_SPLIT", "OP_TYPE_STEM", "SOURCE", "LIBRARY_ENV",
+           "KernelUnavailable", "library_path", "build_library", "compile_flags", "register_kernels"]
 
 DOMAIN = "ganet.ops"
 OP_TYPE = "GroupAttention"

@@ -501,6 +501,17 @@ static float *output_data(OrtKernelContext *ctx, size_t index, const int64_t *di
     return data;
 }
 
+/* fn(job, s) for every sample s < b. Samples are independent: ONNX Runtime's intra-op pool runs them (API 17+;
+ * one thread, or an older runtime: in order, on this thread). */
+static void for_each_sample(OrtKernelContext *ctx, void (*fn)(void *, size_t), int64_t b, void *job) {
+    if (g_has_parallel_for && b > 1) {
+        OrtStatus *st = API(g_api, KernelContextParallelFor)(ctx, fn, (size_t)b, 0, job);
+        if (!st) return;
+        API(g_api, ReleaseStatus)(st);
+    }
+    for (int64_t s = 0; s < b; ++s) fn(job, (size_t)s);
+}
+
 /* Thread-local, so that concurrent sessions do not share it; compute_v2 copies it into the OrtStatus. */
 static __thread char error_text[512];
 
@@ -558,17 +569,7 @@ static const char *run_node(const GroupAttentionKernel *k, OrtKernelContext *ctx
         for (int64_t kk = 0; kk < ch; ++kk)
             wt[((g / GEMM_GROUPS) * ch + kk) * GEMM_GROUPS + g % GEMM_GROUPS] = u4u_w[g * ch + kk];
     SampleJob job = {x, a, out, wt, pair_w, params, ch, n, groups, c, k->eps, 0};
-    /* Samples are independent: ONNX Runtime's intra-op pool runs them (one thread: in order, on this one). */
-    int done = 0;
-    if (g_has_parallel_for && b > 1) {
-        OrtStatus *st = API(g_api, KernelContextParallelFor)(ctx, run_sample, (size_t)b, 0, &job);
-        if (st)
-            API(g_api, ReleaseStatus)(st);
-        else
-            done = 1;
-    }
-    if (!done)
-        for (int64_t s = 0; s < b; ++s) run_sample(&job, (size_t)s);
+    for_each_sample(ctx, run_sample, b, &job);
     free(wt);
     return job.failed ? "ganet.ops::GroupAttention: out of memory" : NULL;
 }
@@ -736,16 +737,7 @@ static const char *run_stem(OrtKernelContext *ctx) {
     memcpy(w, weight, (size_t)(job.c * 27) * sizeof(float));
     memcpy(w + job.c_pad * 27, bias, (size_t)job.c * sizeof(float));
     job.w = w, job.bias = w + job.c_pad * 27;
-    int done = 0;
-    if (g_has_parallel_for && id[0] > 1) {
-        OrtStatus *st = API(g_api, KernelContextParallelFor)(ctx, stem_sample, (size_t)id[0], 0, &job);
-        if (st)
-            API(g_api, ReleaseStatus)(st);
-        else
-            done = 1;
-    }
-    if (!done)
-        for (int64_t s = 0; s < id[0]; ++s) stem_sample(&job, (size_t)s);
+    for_each_sample(ctx, stem_sample, id[0], &job);
     free(w);
     return job.failed ? "ganet.ops::Stem: out of memory" : NULL;
 }
