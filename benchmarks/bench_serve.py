@@ -20,6 +20,8 @@ to the wall-time sums of ganet-serve's Prometheus /metrics.
     python benchmarks/bench_serve.py                        # all three servers, 15 s each
     python benchmarks/bench_serve.py --servers ours --duration 5 --serve-arg=--intra-op-threads=1
     python benchmarks/bench_serve.py --servers ours,ort --serve-arg=--precision=int8   # exports INT8 too
+    python benchmarks/bench_serve.py --servers ours,torch,torch_async --torch-device cuda \
+        --serve-arg=--backend=torch --serve-arg=--device=cuda                     # on a GPU: PyTorch on both sides
 
 Writes benchmarks/results/serve_<date>.json.
 """
@@ -85,6 +87,12 @@ def make_export(tmp: Path, max_batch: int, int8: bool = False) -> tuple[Path, Pa
     export = export_checkpoint(checkpoint, ExportOptions(output=tmp / "export", max_batch=max_batch, int8=int8,
                                                          benchmark_rounds=0), log=lambda *a, **k: None)
     return checkpoint, export
+
+
+def gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
 
 
 def china_jpeg(quality: int) -> bytes:
@@ -361,9 +369,12 @@ def cpu_split(before: dict, after: dict, pid: int, names: dict[int, str] | None)
         out["cpu_source"] = "per-thread /proc CPU time, threads named by py-spy"
     else:  # wall time in the decode and inference threads; whatever else the process spent is HTTP
         wall = out["wall_ms"]
-        out["cpu_ms"] = {"http": out["process_cpu_ms"] - wall["decode"] - wall["inference"],
-                         "decode": wall["decode"], "inference": wall["inference"]}
+        http = out["process_cpu_ms"] - wall["decode"] - wall["inference"]
+        out["cpu_ms"] = {"http": http, "decode": wall["decode"], "inference": wall["inference"]}
         out["cpu_source"] = "process CPU minus /metrics wall-time sums (install py-spy for per-thread CPU)"
+        if http < 0:  # the inference thread waited (on a GPU) more than it computed: wall is not CPU there
+            out["cpu_ms"] = {"http": float("nan"), "decode": wall["decode"], "inference": float("nan")}
+            out["cpu_source"] += "; no split: the wall times exceed the process CPU (a GPU backend waits)"
     return out
 
 
@@ -458,6 +469,8 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=32, help="the export's max batch")
     p.add_argument("--serve-arg", action="append", default=[], help="extra ganet-serve flag (repeatable), e.g. "
                                                                      "--serve-arg=--intra-op-threads=1")
+    p.add_argument("--torch-device", default="cpu", help="where the naive PyTorch servers run the model (cpu, cuda); "
+                   "for ganet-serve on a GPU add --serve-arg=--backend=torch --serve-arg=--device=cuda")
     p.add_argument("--no-open-loop", action="store_true", help="skip the latency run at half the peak")
     p.add_argument("--export", type=Path, help="reuse this export directory (its manifest names its checkpoint)")
     p.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/serve_<date>.json)")
@@ -477,19 +490,20 @@ def main() -> None:
             checkpoint, export = make_export(tmp, args.max_batch, int8=serve_precision(args.serve_arg) == "int8")
         print(f"export ready in {time.perf_counter() - start_s:.0f} s: {export}", flush=True)
         jpeg = china_jpeg(args.quality)
-        results: dict = {"host": {"cpu_count": os.cpu_count(), "machine": platform.machine(),
+        results: dict = {"host": {"cpu_count": os.cpu_count(), "machine": platform.machine(), "gpu": gpu_name(),
                                   "python": platform.python_version(), "loadavg_before": os.getloadavg()},
                          "config": {"duration_s": args.duration, "warmup_s": args.warmup, "clients": args.clients,
                                     "body": args.body, "jpeg_bytes": len(jpeg), "image": "sklearn china.jpg 640x427",
                                     "quality": args.quality, "max_batch": args.max_batch,
-                                    "serve_args": args.serve_arg, "model": "ga_shufflenet_v2 224x224 (random init)"},
+                                    "serve_args": args.serve_arg, "torch_device": args.torch_device, "model": "ga_shufflenet_v2 224x224 (random init)"},
                          "servers": {}, "targets": TARGETS}
         py = sys.executable
         commands = {
             "ours": ([py, str(Path(py).parent / "ganet-serve"), str(export), *args.serve_arg], "/v2/health/ready"),
             "ort": ([py, "benchmarks/naive_server.py", "--runtime", "onnxruntime", "--model",
                      str(export / "model.onnx"), "--checkpoint", str(checkpoint)], "/health"),
-            "torch": ([py, "benchmarks/naive_server.py", "--runtime", "torch", "--model", str(checkpoint)], "/health"),
+            "torch": ([py, "benchmarks/naive_server.py", "--runtime", "torch", "--model", str(checkpoint),
+                       "--device", args.torch_device], "/health"),
         }
         for name in ("ort", "torch"):  # the same servers with an async endpoint that calls the model inline
             commands[f"{name}_async"] = (commands[name][0] + ["--style", "async"], "/health")

@@ -11,6 +11,7 @@ version would have them. Two styles of endpoint:
 
     python benchmarks/naive_server.py --runtime onnxruntime --model EXPORT/model.onnx --port 8001
     python benchmarks/naive_server.py --runtime torch --model ckpt.safetensors --port 8002 --style async
+    python benchmarks/naive_server.py --runtime torch --model ckpt.safetensors --port 8003 --device cuda
 """
 from __future__ import annotations
 
@@ -34,18 +35,18 @@ def onnxruntime_runner(onnx_path: str) -> Callable[[np.ndarray], np.ndarray]:
     return lambda x: session.run(None, {name: x})[0]
 
 
-def torch_runner(checkpoint: str) -> tuple[Callable[[np.ndarray], np.ndarray], Preprocessing]:
+def torch_runner(checkpoint: str, device: str = "cpu") -> tuple[Callable[[np.ndarray], np.ndarray], Preprocessing]:
     """PyTorch eager fp32 from the checkpoint the export was made from, normalising as the graph does."""
     import torch
 
     from ganet.checkpoint import load_checkpoint
     from ganet.preprocess import normalize_uint8
 
-    model, info = load_checkpoint(checkpoint, "cpu")
+    model, info = load_checkpoint(checkpoint, device)
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return model(normalize_uint8(torch.from_numpy(x), info.preprocessing)).numpy()
+            return model(normalize_uint8(torch.from_numpy(x).to(device), info.preprocessing)).cpu().numpy()
 
     return run, info.preprocessing
 
@@ -86,6 +87,7 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8001)
     p.add_argument("--style", choices=["threadpool", "async"], default="threadpool",
                    help="threadpool: a plain def endpoint; async: async def calling the model inline")
+    p.add_argument("--device", default="cpu", help="torch: the device the model runs on (cpu, cuda)")
     args = p.parse_args()
 
     import uvicorn
@@ -96,7 +98,7 @@ def main() -> None:
     if args.runtime == "onnxruntime":
         run, prep = onnxruntime_runner(args.model), info.preprocessing
     else:
-        run, prep = torch_runner(args.model)
+        run, prep = torch_runner(args.model, args.device)
     uvicorn.run(create_app(run, prep, list(info.labels), args.style), host="127.0.0.1", port=args.port, log_level="warning",
                 access_log=False)
 

@@ -128,6 +128,10 @@ class TorchBackend:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if self.device == "cpu":
             torch.set_num_threads(_threads(intra_op_threads))
+        else:
+            # fp32 means fp32: TF32 convolutions (cuDNN's default) would move logits ~1e-3 from the export's.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self.model, self.info = load_checkpoint(checkpoint, self.device)
         self._torch = torch
 

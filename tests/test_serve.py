@@ -90,7 +90,9 @@ def calibrate_batchnorm(model) -> None:
     with torch.no_grad():
         model(x)
         last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
-        last.weight.mul_(20.0)
+        # x10 spreads the logits to ~4: answers differ by image, yet the export's 1e-4 parity gate keeps a margin
+        # (x20 put the H100 host's CPU, torch 2.11 and ORT 1.30, at 1.01e-4, and ganet-export refused).
+        last.weight.mul_(10.0)
     model.eval()
 
 
