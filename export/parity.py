@@ -168,18 +168,18 @@ def failure_message(kind: str, result: ParityResult) -> str:
 
 
 def ort_session(path: Any, threads: int | None = None, spinning: bool = True, kernels: bool = False) -> Any:
-    """An ONNX Runtime CPU session, all graph optimisations, intra-op threads = the core count.
+    """An ONNX Runtime CPU session, all graph optimisations, intra-op threads = the CPUs this process may use.
 
     ``spinning=False`` stops idle pool threads from busy-waiting after a run: needed when timing ORT interleaved
     with other runners, which the spinning threads would otherwise slow down. ``kernels`` loads ganet's custom-op
     library, which ``model.fused.onnx`` needs (raises ``KernelUnavailable`` where it cannot be built).
     """
-    import os
-
     import onnxruntime as ort
 
+    from ganet.system import usable_cpus
+
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.intra_op_num_threads = threads or usable_cpus()
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if kernels:

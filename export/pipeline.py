@@ -20,6 +20,7 @@ import numpy as np
 
 from ganet._io import atomic_write_bytes
 from ganet.preprocess import normalize_uint8
+from ganet.system import usable_cpus
 from ganet.export.manifest import FORMAT, FORMAT_VERSION, MANIFEST_FILE, hash_directory, sha256_file
 from ganet.export.trt_ops import check_tensorrt_compatibility
 from ganet.export.onnx_export import BATCH_AXIS, DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
@@ -279,7 +280,8 @@ def _build(checkpoint: Path, model: Any, info: Any, opts: ExportOptions, tmp: Pa
         "parity": parity,
         "speed": speed,
         "triton": triton,
-        "host": {"machine": platform.machine(), "processor": _cpu_name(), "cpu_count": os.cpu_count()},
+        "host": {"machine": platform.machine(), "processor": _cpu_name(), "cpu_count": os.cpu_count(),
+                 "usable_cpus": usable_cpus()},
     }
     (tmp / "report.md").write_text(render_report(manifest), encoding="utf-8")
     manifest["files"] = hash_directory(tmp)
@@ -397,7 +399,7 @@ def _measure_speed(model: Any, prep: Any, onnx_path: Path, int8_path: Path | Non
     if int8_path is not None:
         runners["onnxruntime_int8"] = P.ort_runner(int8_path, spinning=False)
     threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)  # as many as ORT's default; restored below: callers' setting
+    torch.set_num_threads(usable_cpus())  # as many as ORT's sessions here; restored below: callers' setting
     try:
         results = {}
         for b in sorted({1, opts.max_batch}):
@@ -406,7 +408,7 @@ def _measure_speed(model: Any, prep: Any, onnx_path: Path, int8_path: Path | Non
             log(f"  batch {b}: " + ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in results[str(b)].items()))
     finally:
         torch.set_num_threads(threads)
-    return {"device": f"CPU ({_cpu_name()}, {os.cpu_count()} threads)", "rounds": opts.benchmark_rounds,
+    return {"device": f"CPU ({_cpu_name()}, {usable_cpus()} threads)", "rounds": opts.benchmark_rounds,
             "by_batch": results,
             "note": "medians of interleaved rounds on the exporting host; speedup = PyTorch eager / runner"}
 

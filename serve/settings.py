@@ -1,22 +1,15 @@
 """Every ``ganet-serve`` option, from the command line or from ``GANET_*`` environment variables."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ganet.system import usable_cpus
+
 __all__ = ["ServeSettings", "BackendName", "usable_cpus"]
-
-
-def usable_cpus() -> int:
-    """The CPUs this process may run on: a container's --cpuset-cpus, taskset, ... (os.cpu_count() sees them all)."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 BackendName = Literal["auto", "tensorrt", "onnxruntime", "torch"]
 

@@ -337,3 +337,26 @@ def test_trt_and_triton_through_the_pipeline_with_stand_in_tensorrt(checkpoint, 
     assert (out / "triton" / "ga_shufflenet_v2_cifar" / "1" / "model.plan").is_file()
     assert "TensorRT" in (out / "report.md").read_text()
     assert cli.main(["--verify", str(out)]) == 0
+
+
+def test_thread_pools_follow_the_cpus_this_process_may_use(tmp_path):
+    """Under `taskset -c 0` (as in a container limited to one CPU), parity's ONNX Runtime sessions and the serving
+    defaults see one CPU, not the host's count, which would oversubscribe the core with spinning threads."""
+    import sys
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "relu.onnx")
+    code = (f"from ganet.system import usable_cpus; from ganet.export.parity import ort_session; "
+            f"from ganet.serve.settings import ServeSettings; "
+            f"s = ort_session({str(tmp_path / 'relu.onnx')!r}); "
+            f"print(usable_cpus(), s.get_session_options().intra_op_num_threads, "
+            f"ServeSettings(model='m').workers_decode)")
+    result = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["1", "1", "1"]
