@@ -53,6 +53,20 @@ class ExportOptions:
     calibration_images: int = 512
     benchmark_rounds: int = 5  # 0: skip the latency table
     timing_cache: Path | None = None
+    atol: float | None = None  # the fp32 ONNX parity bound on max |dlogit| (None: parity.TOLERANCES, the issue's)
+
+
+def _atol_hint(result: Any) -> str:  # a parity.ParityResult (parity imports torch: imported where used)
+    """For an fp32 export that ranks every image the same and misses the bound by little: how to accept it.
+
+    fp32 rounding grows with the logits' size and differs between CPUs and library versions, so a correct export
+    of a model with large logits can land just past 1e-4 on some hosts."""
+    tol = result.tolerance["max_abs"]
+    if result.top1_agreement < 1.0 or not tol or result.max_abs > 10 * tol:
+        return ""
+    return (f". Every image has the same top-1 and the largest difference is {result.max_abs / tol:.3g}x the bound: "
+            f"if that is fp32 rounding on this host, accept it with --atol {float(f'{result.max_abs * 1.5:.1g}'):g} "
+            "(recorded in the manifest)")
 
 
 def parity_batch_sizes(max_batch: int) -> list[int]:
@@ -70,6 +84,8 @@ def _require_tensorrt() -> None:
 
 def _check_request(opts: ExportOptions) -> None:
     problems = []
+    if opts.atol is not None and not opts.atol > 0:
+        problems.append(f"--atol must be a positive number, got {opts.atol}")
     if opts.max_batch < 1:
         problems.append(f"--max-batch must be >= 1, got {opts.max_batch}")
     if opts.fp16 and not opts.trt:
@@ -195,15 +211,17 @@ def _build(checkpoint: Path, model: Any, info: Any, opts: ExportOptions, tmp: Pa
     reference = P.torch_reference(model, prep, inputs.images)
     log(f"  {len(inputs)} images ({'photographs + ' + dataset + ' held-out split' if dataset else 'photographs'})")
 
+    tolerances = P.tolerances(opts.atol)
+
     def onnx_parity(path: Path, label: str, kernels: bool = False) -> P.ParityResult:
-        tolerance = P.TOLERANCES["onnx_fused" if kernels else "onnx"]
+        tolerance = tolerances["onnx_fused" if kernels else "onnx"]
         result = P.run_parity(P.ort_runner(path, kernels=kernels), inputs, reference, batches, tolerance)
         log(f"  {label}: {result.summary()} at batch sizes {batches}")
         if not result.passed:
-            raise ExportError(P.failure_message(label, result))
+            raise ExportError(P.failure_message(label, result) + _atol_hint(result))
         return result
 
-    _step(log, f"checking ONNX Runtime fp32 against PyTorch (max |dlogit| <= {P.TOLERANCES['onnx']['max_abs']}, "
+    _step(log, f"checking ONNX Runtime fp32 against PyTorch (max |dlogit| <= {tolerances['onnx']['max_abs']}, "
                "100% top-1)")
     parity: dict[str, Any] = {"reference": "PyTorch fp32 CPU, same uint8 images normalised in torch",
                               "inputs": {"count": len(inputs), "dataset_heldout": dataset,

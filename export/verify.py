@@ -117,7 +117,7 @@ def _rerun_parity(m: Manifest, result: VerifyResult, changed: set[str], log: Cal
 
     def recheck(key: str, label: str, runner: Any) -> None:
         recorded = m.parity.get(key, {})
-        now = P.run_parity(runner, inputs, reference, batches, P.TOLERANCES[key])
+        now = P.run_parity(runner, inputs, reference, batches, recorded.get("tolerance") or P.TOLERANCES[key])
         if not now.passed:
             result.differences.append(P.failure_message(f"{label} (re-run)", now))
         if recorded.get("n") != now.n:
