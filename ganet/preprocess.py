@@ -91,9 +91,11 @@ _PIL_FILTERS = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL.Image.Resampli
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any decoded PIL image as 8-bit RGB: EXIF orientation applied, alpha composited on white, palette, grey,
     16-bit grey and CMYK converted."""
-    from PIL import ImageOps
+    from PIL import ExifTags, ImageOps
 
-    img = ImageOps.exif_transpose(img)
+    if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        # Only then: without a rotation exif_transpose returns a copy, 0.5 ms of a 640x427 photo's 2.3 ms decode.
+        img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # Pillow's convert("L") clips 16-bit values at 255; scale the full range down instead.
         import numpy as np
