@@ -369,12 +369,12 @@ def cpu_split(before: dict, after: dict, pid: int, names: dict[int, str] | None)
         out["cpu_source"] = "per-thread /proc CPU time, threads named by py-spy"
     else:  # wall time in the decode and inference threads; whatever else the process spent is HTTP
         wall = out["wall_ms"]
-        http = out["process_cpu_ms"] - wall["decode"] - wall["inference"]
-        out["cpu_ms"] = {"http": http, "decode": wall["decode"], "inference": wall["inference"]}
+        http, inference = out["process_cpu_ms"] - wall["decode"] - wall["inference"], wall["inference"]
         out["cpu_source"] = "process CPU minus /metrics wall-time sums (install py-spy for per-thread CPU)"
         if http < 0:  # the inference thread waited (on a GPU) more than it computed: wall is not CPU there
-            out["cpu_ms"] = {"http": float("nan"), "decode": wall["decode"], "inference": float("nan")}
+            http = inference = float("nan")
             out["cpu_source"] += "; no split: the wall times exceed the process CPU (a GPU backend waits)"
+        out["cpu_ms"] = {"http": http, "decode": wall["decode"], "inference": inference}
     return out
 
 
@@ -495,7 +495,8 @@ def main() -> None:
                          "config": {"duration_s": args.duration, "warmup_s": args.warmup, "clients": args.clients,
                                     "body": args.body, "jpeg_bytes": len(jpeg), "image": "sklearn china.jpg 640x427",
                                     "quality": args.quality, "max_batch": args.max_batch,
-                                    "serve_args": args.serve_arg, "torch_device": args.torch_device, "model": "ga_shufflenet_v2 224x224 (random init)"},
+                                    "serve_args": args.serve_arg, "torch_device": args.torch_device,
+                                    "model": "ga_shufflenet_v2 224x224 (random init)"},
                          "servers": {}, "targets": TARGETS}
         py = sys.executable
         commands = {

@@ -317,11 +317,14 @@ def _fused(proto: Any, model: Any, prep: Any, tmp: Path, onnx_parity: Callable[.
     from ganet.export.ort_fused import FUSED_FILE, fuse_group_attention
     from ganet.kernels import DOMAIN, OP_TYPE_SHUFFLE, OP_TYPE_SHUFFLE_SPLIT, OP_TYPE_STEM, KernelUnavailable
 
+    t = time.perf_counter()
     fused, blocks = fuse_group_attention(proto, ImageModel(model, prep))
     if not blocks:
         return None
-    t = _step(log, f"fusing {blocks} Group Attention blocks (with the channel shuffles after them, and an ImageNet "
-                   "stem) into the ganet.ops CPU kernels")
+    ops = [n.op_type for n in fused.graph.node if n.domain == DOMAIN]
+    shuffles = sum(op in (OP_TYPE_SHUFFLE, OP_TYPE_SHUFFLE_SPLIT) for op in ops)
+    _step(log, f"fusing {blocks} Group Attention blocks ({shuffles} with the channel shuffle after them)"
+               f"{' and the ImageNet stem' if OP_TYPE_STEM in ops else ''} into ganet.ops CPU kernels")
     path = tmp / FUSED_FILE
     onnx.save(fused, str(path))
     try:
@@ -331,10 +334,8 @@ def _fused(proto: Any, model: Any, prep: Any, tmp: Path, onnx_parity: Callable[.
         log(f"  skipped: {e}\n  (serving falls back to model.onnx; the fused graph is only a CPU speed-up)")
         return None
     log(f"  done in {time.perf_counter() - t:.1f}s; {len(fused.graph.node)} nodes instead of {len(proto.graph.node)}")
-    ops = [n.op_type for n in fused.graph.node if n.domain == DOMAIN]
     return ({"kind": "onnx_fused", "file": FUSED_FILE, "precision": "fp32", "blocks": blocks,
-             "shuffles_folded": sum(op in (OP_TYPE_SHUFFLE, OP_TYPE_SHUFFLE_SPLIT) for op in ops),
-             "stem_fused": OP_TYPE_STEM in ops,
+             "shuffles_folded": shuffles, "stem_fused": OP_TYPE_STEM in ops,
              "custom_op": f"{DOMAIN}::{'/'.join(sorted(set(ops)))} (ganet/kernels/group_attention.c)"}, result)
 
 

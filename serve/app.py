@@ -23,7 +23,8 @@ from ganet.serve.batcher import BatchResult, DeadlineExceededError, DynamicBatch
 from ganet.serve.errors import ServeError, install_error_handlers
 from ganet.serve.images import decode_image
 from ganet.serve.metrics import Metrics
-from ganet.serve.settings import ServeSettings, usable_cpus
+from ganet.serve.settings import ServeSettings
+from ganet.system import usable_cpus
 
 __all__ = ["ServeState", "create_app", "load_backends", "warmup_sizes", "StateDep", "require_api_key"]
 

@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from ganet.preprocess import Preprocessing, normalize_uint8
-from ganet.serve.settings import usable_cpus
+from ganet.system import usable_cpus
 
 __all__ = ["Backend", "ModelSpec", "BackendError", "OnnxRuntimeBackend", "TorchBackend", "load_backend",
            "choose_backend"]

@@ -9,7 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ganet.system import usable_cpus
 
-__all__ = ["ServeSettings", "BackendName", "usable_cpus"]
+__all__ = ["ServeSettings", "BackendName"]
 
 BackendName = Literal["auto", "tensorrt", "onnxruntime", "torch"]
 

@@ -138,8 +138,7 @@ SHUFFLE_NODES = [OP_TYPE, "Unsqueeze", "Unsqueeze", "Concat", "Reshape"]
     (False, None, SHUFFLE_NODES),  # concat(y, a) puts y in the even channels, which the ops do not write
 ])
 def test_shuffle_folding_only_where_the_graph_is_that_shuffle(a_first, split, expected):
-    from ganet.export.ort_fused import _fold_shuffles
-    from ganet.export.trt_ops import _Graph
+    from ganet.export.ort_fused import _fold_shuffles, _rewrite
 
     block = _randomise(GroupAttention(60, 15), seed=5).eval()
     graph = _single_block_graph(block, (2, 60, 6, 6))
@@ -161,9 +160,7 @@ def test_shuffle_folding_only_where_the_graph_is_that_shuffle(a_first, split, ex
     g.output.extend(helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs)
     folded = onnx.ModelProto()
     folded.CopyFrom(graph)
-    nodes = _fold_shuffles(_Graph(folded.graph, types={}, outer_constants=set()))
-    del folded.graph.node[:]
-    folded.graph.node.extend(nodes)
+    _rewrite(folded.graph, _fold_shuffles)
     assert [n.op_type for n in folded.graph.node] == expected
     feeds = {"x": np.random.default_rng(1).normal(size=(2, 60, 6, 6)).astype(np.float32),
              "a": np.random.default_rng(2).normal(size=(2, 60, 6, 6)).astype(np.float32)}
@@ -211,11 +208,15 @@ def test_stem_node_matches_the_exported_stem(channels, h, w, batch):
     assert np.abs(got - expected).max() <= 1e-5 * float(np.abs(expected).max()) and np.abs(expected).max() > 1
 
 
-def test_stem_node_names_a_bad_weight():
+@pytest.mark.parametrize("name,shape,message", [
+    ("w", (24, 3, 5, 5), r"ganet.ops::Stem: weight has shape \(24, 3, 5, 5\); expected \(C, 3, 3, 3\)"),
+    ("shift", (4,), r"ganet.ops::Stem: shift has shape \(4\); expected \(3\)"),  # the right scale is not blamed
+])
+def test_stem_node_names_a_bad_input(name, shape, message):
     _, fused = _stem_graphs(24, 16, 16)
-    w = next(t for t in fused.graph.initializer if t.name == "w")
-    w.CopyFrom(onnx.numpy_helper.from_array(np.zeros((24, 3, 5, 5), np.float32), "w"))
-    with pytest.raises(Exception, match=r"Stem weight has shape \(24, 3, 5, 5\); expected \(C, 3, 3, 3\)"):
+    tensor = next(t for t in fused.graph.initializer if t.name == name)
+    tensor.CopyFrom(onnx.numpy_helper.from_array(np.zeros(shape, np.float32), name))
+    with pytest.raises(Exception, match=message):
         _session(fused).run(None, {"image": np.zeros((1, 3, 16, 16), np.uint8)})
 
 
@@ -244,7 +245,8 @@ def test_imagenet_stem_is_fused_in_the_network(tmp_path):
     assert np.abs(exact).max() > 1.0 and fp32_error < 5e-3  # the bounds above are not vacuous
 
 
-def _exported(tmp_path: Path, name: str, size: int = 32, **kwargs) -> tuple[onnx.ModelProto, torch.nn.Module, Preprocessing]:
+def _exported(tmp_path: Path, name: str, size: int = 32, **kwargs
+              ) -> tuple[onnx.ModelProto, torch.nn.Module, Preprocessing]:
     """A dynamo export (as ganet-export makes it) of ``name`` with randomised GA parameters and data BN statistics."""
     torch.manual_seed(0)
     model = _randomise(create_model(name, **kwargs))

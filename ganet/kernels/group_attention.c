@@ -142,6 +142,8 @@ typedef struct {
     OrtCustomOp base; /* first, so that ONNX Runtime's OrtCustomOp pointer is also a GanetOp pointer */
     int mode;
     const char *name;
+    size_t inputs, outputs;
+    int input0_type; /* the image or x; every other input and output is float32 */
 } GanetOp;
 
 typedef struct {
@@ -515,14 +517,14 @@ static void for_each_sample(OrtKernelContext *ctx, void (*fn)(void *, size_t), i
 /* Thread-local, so that concurrent sessions do not share it; compute_v2 copies it into the OrtStatus. */
 static __thread char error_text[512];
 
-static const char *shape_error(const char *what, const int64_t *dims, size_t count, const char *expected) {
+static const char *shape_error(const char *op, const char *what, const int64_t *dims, size_t count,
+                               const char *expected) {
     char shape[160] = "";
     for (size_t i = 0; i < count && i < 6; ++i) {
         const size_t used = strlen(shape);
         snprintf(shape + used, sizeof shape - used, i ? ", %lld" : "%lld", (long long)dims[i]);
     }
-    snprintf(error_text, sizeof error_text, "ganet.ops::GroupAttention: %s has shape (%s); expected %s", what, shape,
-             expected);
+    snprintf(error_text, sizeof error_text, "ganet.ops::%s: %s has shape (%s); expected %s", op, what, shape, expected);
     return error_text;
 }
 
@@ -536,11 +538,12 @@ static const char *run_node(const GroupAttentionKernel *k, OrtKernelContext *ctx
     const float *pair_w = input_data(ctx, 2, wd, &wn);
     const float *params = input_data(ctx, 3, pd, &pn);
     if (!x || !u4u_w || !pair_w || !params) return "ganet.ops::GroupAttention: cannot read its inputs";
-    if (xn != 4 || xd[2] * xd[3] < 1) return shape_error("x", xd, xn, "(B, C, H, W) with H, W >= 1");
+    if (xn != 4 || xd[2] * xd[3] < 1) return shape_error("GroupAttention", "x", xd, xn, "(B, C, H, W) with H, W >= 1");
     if (wn != 3 || wd[0] < 1 || wd[1] != 2 || wd[0] * wd[2] != xd[1])
-        return shape_error("pair_weight", wd, wn, "(G, 2, C/G) for x's C channels");
-    if (un != 2 || ud[0] != wd[0] || ud[1] != xd[1]) return shape_error("u4u_weight", ud, un, "(G, C)");
-    if (pn != 2 || pd[0] != 7 || pd[1] != wd[0]) return shape_error("params", pd, pn, "(7, G)");
+        return shape_error("GroupAttention", "pair_weight", wd, wn, "(G, 2, C/G) for x's C channels");
+    if (un != 2 || ud[0] != wd[0] || ud[1] != xd[1])
+        return shape_error("GroupAttention", "u4u_weight", ud, un, "(G, C)");
+    if (pn != 2 || pd[0] != 7 || pd[1] != wd[0]) return shape_error("GroupAttention", "params", pd, pn, "(7, G)");
     const int64_t b = xd[0], ch = xd[1], n = xd[2] * xd[3], groups = wd[0], c = wd[2];
     const float *a = NULL;
     if (k->mode != MODE_PLAIN) { /* the other branch: the same shape as x */
@@ -548,7 +551,7 @@ static const char *run_node(const GroupAttentionKernel *k, OrtKernelContext *ctx
         size_t an = 0;
         a = input_data(ctx, 4, ad, &an);
         if (!a) return "ganet.ops::GroupAttention: cannot read input a";
-        if (an != 4 || memcmp(ad, xd, sizeof xd)) return shape_error("a", ad, an, "x's shape");
+        if (an != 4 || memcmp(ad, xd, sizeof xd)) return shape_error("GroupAttention", "a", ad, an, "x's shape");
     }
 
     OutMap out = {k->mode, ch, n, NULL, NULL};
@@ -606,7 +609,8 @@ static void stem_input_row(const StemJob *job, const uint8_t *img, int64_t r, fl
         const float s = job->scale[ch], t = job->shift[ch];
         for (int k = 0; k < 4; ++k) { /* phase k holds P[4j + k] = norm(row[4j + k - 1]) */
             float *restrict dst_k = phases + k * job->plane;
-            const int64_t first = k == 0 ? 1 : 0, end = job->w_in >= k ? (job->w_in - k) / 4 + 1 : 0; /* 4j + k in [1, W] */
+            /* the j with 4j + k in [1, W] */
+            const int64_t first = k == 0 ? 1 : 0, end = job->w_in >= k ? (job->w_in - k) / 4 + 1 : 0;
             for (int64_t j = first; j < end; ++j) dst_k[j] = (float)row[4 * j + k - 1] * s + t;
         }
     }
@@ -717,11 +721,12 @@ static const char *run_stem(OrtKernelContext *ctx) {
     const float *weight = input_data(ctx, 3, wd, &wn), *bias = input_data(ctx, 4, bd, &bn);
     if (!image || !scale || !shift || !weight || !bias) return "ganet.ops::Stem: cannot read its inputs";
     if (in != 4 || id[1] != 3 || id[2] < 1 || id[3] < 1)
-        return shape_error("Stem image", id, in, "(B, 3, H, W) uint8");
+        return shape_error("Stem", "image", id, in, "(B, 3, H, W) uint8");
     if (wn != 4 || wd[0] < 1 || wd[1] != 3 || wd[2] != 3 || wd[3] != 3)
-        return shape_error("Stem weight", wd, wn, "(C, 3, 3, 3)");
-    if (bn != 1 || bd[0] != wd[0]) return shape_error("Stem bias", bd, bn, "(C)");
-    if (sn != 1 || sd[0] != 3 || tn != 1 || td[0] != 3) return shape_error("Stem scale", sd, sn, "(3), and shift (3)");
+        return shape_error("Stem", "weight", wd, wn, "(C, 3, 3, 3)");
+    if (bn != 1 || bd[0] != wd[0]) return shape_error("Stem", "bias", bd, bn, "(C)");
+    if (sn != 1 || sd[0] != 3) return shape_error("Stem", "scale", sd, sn, "(3)");
+    if (tn != 1 || td[0] != 3) return shape_error("Stem", "shift", td, tn, "(3)");
     StemJob job = {image, NULL, NULL, NULL, {scale[0], scale[1], scale[2]}, {shift[0], shift[1], shift[2]},
                    id[2], id[3], wd[0], (wd[0] + STEM_CB - 1) / STEM_CB * STEM_CB, 0, 0, 0, 0, 0, 0, 0};
     job.hc = (job.h - 1) / 2 + 1, job.wc = (job.w_in - 1) / 2 + 1;
@@ -757,25 +762,25 @@ static void destroy_kernel(void *kernel) { free(kernel); }
 static const char *op_name(const OrtCustomOp *op) { return ((const GanetOp *)op)->name; }
 static const char *op_provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
 static int op_input_type(const OrtCustomOp *op, size_t i) {
-    return ((const GanetOp *)op)->mode == MODE_STEM && i == 0 ? ORT_ELEMENT_UINT8 : ORT_ELEMENT_FLOAT;
+    return i == 0 ? ((const GanetOp *)op)->input0_type : ORT_ELEMENT_FLOAT;
 }
 static int op_output_type(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return ORT_ELEMENT_FLOAT; }
-static size_t op_inputs(const OrtCustomOp *op) { return ((const GanetOp *)op)->mode == MODE_PLAIN ? 4 : 5; }
-static size_t op_outputs(const OrtCustomOp *op) { return ((const GanetOp *)op)->mode == MODE_SHUFFLE_SPLIT ? 2 : 1; }
+static size_t op_inputs(const OrtCustomOp *op) { return ((const GanetOp *)op)->inputs; }
+static size_t op_outputs(const OrtCustomOp *op) { return ((const GanetOp *)op)->outputs; }
 static int op_required(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; } /* INPUT_OUTPUT_REQUIRED */
 static int op_memory(const OrtCustomOp *op, size_t i) { (void)op; (void)i; return 0; }   /* OrtMemTypeDefault */
 static int op_one(const OrtCustomOp *op) { (void)op; return 1; } /* variadic arity: unused, no input is variadic */
 
-#define GANET_OP(MODE, NAME)                                                                                       \
+#define GANET_OP(MODE, NAME, INPUTS, OUTPUTS, INPUT0_TYPE)                                                       \
     {{ORT_API_VERSION_USED, create_kernel, op_name, op_provider, op_input_type, op_inputs, op_output_type,        \
       op_outputs, compute,                                                                                         \
       destroy_kernel, op_required, op_required, op_memory, op_one, op_one, op_one, op_one, NULL, compute_v2},       \
-     MODE, NAME}
-static GanetOp kOps[] = { /* (not const: RegisterCustomOps sets the version the runtime serves) */
-    GANET_OP(MODE_PLAIN, "GroupAttention"),
-    GANET_OP(MODE_SHUFFLE, "GroupAttentionShuffle"),
-    GANET_OP(MODE_SHUFFLE_SPLIT, "GroupAttentionShuffleSplit"),
-    GANET_OP(MODE_STEM, "Stem"),
+     MODE, NAME, INPUTS, OUTPUTS, INPUT0_TYPE}
+static GanetOp kOps[] = { /* (not const: RegisterCustomOps sets the version the runtime serves); the header's I/O */
+    GANET_OP(MODE_PLAIN, "GroupAttention", 4, 1, ORT_ELEMENT_FLOAT),
+    GANET_OP(MODE_SHUFFLE, "GroupAttentionShuffle", 5, 1, ORT_ELEMENT_FLOAT),
+    GANET_OP(MODE_SHUFFLE_SPLIT, "GroupAttentionShuffleSplit", 5, 2, ORT_ELEMENT_FLOAT),
+    GANET_OP(MODE_STEM, "Stem", 5, 1, ORT_ELEMENT_UINT8),
 };
 #undef GANET_OP
 
