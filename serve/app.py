@@ -21,7 +21,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from ganet.serve.backends import Backend, ModelSpec, load_backend
 from ganet.serve.batcher import BatchResult, DeadlineExceededError, DynamicBatcher, QueueFullError
 from ganet.serve.errors import ServeError, install_error_handlers
-from ganet.serve.images import decode_image
+from ganet.serve.images import decode_image, resizer
 from ganet.serve.metrics import Metrics
 from ganet.serve.settings import ServeSettings
 from ganet.system import usable_cpus
@@ -189,6 +189,7 @@ def _start(state: ServeState, backends: list[Backend] | None, spec: ModelSpec | 
     if backends is None:
         backends, spec = load_backends(s)
     state.backends, state.spec = backends, spec
+    log.info("decoder", extra={"event": "decoder", "resize": resizer()[1]})  # builds the kernel library if needed
     if s.warmup:
         start = time.perf_counter()
         sizes = warmup_sizes(spec.max_batch)

@@ -1,7 +1,9 @@
 """Encoded image bytes -> the network's uint8 input (3, S, S), with limits checked before any pixel is decoded.
 
 Geometry is ``ganet.preprocess.image_to_uint8`` (EXIF orientation, palette, grey, 16-bit, CMYK, alpha), the one
-pipeline training, export parity and serving share.
+pipeline training, export parity and serving share. Its resize runs in native code here where the kernel library
+builds (``ganet.kernels.resample``: Pillow's arithmetic, the same bytes, checked against Pillow on load): 0.27
+instead of 0.98 ms for a 640x427 photo at 224, a quarter of what serving spent decoding an image.
 
 Large JPEGs are decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (libjpeg's scaled IDCT, Pillow's ``draft``):
 at 224x224, decode + resize + crop of a 3000x2000 photo takes 17 instead of 37 ms (1/2), of a 4032x3024 one 19
@@ -13,15 +15,22 @@ more save at JPEG quality 85 does, 0.28/255 and 48.4 dB), and the image has at l
 """
 from __future__ import annotations
 
+import functools
 import io
+import logging
 import warnings
+from collections.abc import Callable
+
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ganet.preprocess import Preprocessing, image_to_uint8
 from ganet.serve.errors import ServeError
 
-__all__ = ["FORMATS", "decode_image", "open_image", "jpeg_draft_scale", "DRAFT_MARGIN", "DRAFT_MIN_PIXELS"]
+__all__ = ["FORMATS", "decode_image", "open_image", "jpeg_draft_scale", "resizer", "DRAFT_MARGIN",
+           "DRAFT_MIN_PIXELS"]
+
+log = logging.getLogger("ganet.serve")
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")  # MPO: multi-picture JPEG from phone cameras
 _EXPECTED = "expected a JPEG, PNG, WebP, BMP, GIF or TIFF image"
@@ -81,12 +90,23 @@ def open_image(data: bytes, prep: Preprocessing, max_pixels: int, *, jpeg_draft:
     return img
 
 
+@functools.lru_cache(maxsize=1)
+def resizer() -> tuple[Callable[[Image.Image, Preprocessing], np.ndarray], str]:
+    """``image_to_uint8`` with the resize in native code ("native"), or Pillow's ("pillow") where the kernel library
+    cannot be built or loaded, or differs from this Pillow. Resolved once per process (the server does it before
+    turning ready)."""
+    from ganet.kernels.resample import load
+
+    native = load()
+    return (native, "native") if native is not None else (image_to_uint8, "pillow")
+
+
 def decode_image(data: bytes, prep: Preprocessing, max_pixels: int, *, jpeg_draft: bool = True) -> np.ndarray:
     """Decode ``data`` and return (3, S, S) uint8 RGB (``jpeg_draft=False``: always exactly ``image_to_uint8`` of
     the full decode). Raises ServeError 400/413/415 naming the problem."""
     img = open_image(data, prep, max_pixels, jpeg_draft=jpeg_draft)
     try:
-        return image_to_uint8(img, prep)
+        return resizer()[0](img, prep)
     except Exception as e:  # an unsupported mode or a stream that fails late: bad input, never a 500
         raise _corrupt(img.format, e) from None
 

@@ -8,6 +8,9 @@ sample's map sits in the L2 cache (see the file's header for the op's contract).
 against ONNX Runtime's ABI-stable C API, compiled here, on first use, with the host's C compiler for the host's CPU
 (``-march=native``), and cached by the hash of source, flags and compiler.
 
+The same library holds ``resample.c``, the serving decoder's resize + crop: Pillow's resampling, bit for bit, in
+SIMD (:mod:`ganet.kernels.resample` calls it through ctypes).
+
 Where no compiler exists (a slim container, say) :func:`library_path` raises :class:`KernelUnavailable` and the
 callers fall back to the standard graph: the fused graph is only ever an optimisation, never the only artifact.
 Imports neither torch nor onnxruntime.
@@ -24,8 +27,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DOMAIN", "OP_TYPE", "OP_TYPE_SHUFFLE", "OP_TYPE_SHUFFLE_SPLIT", "OP_TYPE_STEM", "SOURCE", "LIBRARY_ENV",
-           "KernelUnavailable", "library_path", "build_library", "compile_flags", "register_kernels"]
+__all__ = ["DOMAIN", "OP_TYPE", "OP_TYPE_SHUFFLE", "OP_TYPE_SHUFFLE_SPLIT", "OP_TYPE_STEM", "SOURCE",
+           "RESAMPLE_SOURCE", "LIBRARY_ENV", "KernelUnavailable", "library_path", "build_library", "compile_flags",
+           "register_kernels"]
 
 DOMAIN = "ganet.ops"
 OP_TYPE = "GroupAttention"
@@ -37,6 +41,7 @@ OP_TYPE_SHUFFLE_SPLIT = "GroupAttentionShuffleSplit"
 OP_TYPE_STEM = "Stem"
 OPSET_VERSION = 1
 SOURCE = Path(__file__).with_name("group_attention.c")
+RESAMPLE_SOURCE = Path(__file__).with_name("resample.c")
 LIBRARY_NAME = "libganet_ops.so"
 # A prebuilt library (the Docker image builds one for x86-64-v3 and sets this): used instead of compiling.
 LIBRARY_ENV = "GANET_KERNEL_LIBRARY"
@@ -69,7 +74,8 @@ def _cache_dir() -> Path:
 
 
 def build_library(output: Path, march: str = "native", cc: str | None = None) -> Path:
-    """Compile ``group_attention.c`` into ``output`` (atomically: a failed build leaves nothing there)."""
+    """Compile ``group_attention.c`` and ``resample.c`` into ``output`` (atomically: a failed build leaves nothing
+    there)."""
     if platform.system() != "Linux":
         raise KernelUnavailable(f"the fused kernel is built for Linux only (this is {platform.system()})")
     cc = cc or _compiler()
@@ -81,7 +87,7 @@ def build_library(output: Path, march: str = "native", cc: str | None = None) ->
         raise KernelUnavailable(f"cannot write the kernel library to {output.parent}: {e} (set GANET_KERNEL_CACHE "
                                 "to a writable directory)") from e
     try:
-        cmd = [cc, *compile_flags(march), "-o", tmp, str(SOURCE), *LINK_FLAGS]
+        cmd = [cc, *compile_flags(march), "-o", tmp, *map(str, _sources()), *LINK_FLAGS]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise KernelUnavailable(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
@@ -106,17 +112,21 @@ def library_path() -> Path:
             raise KernelUnavailable(f"{LIBRARY_ENV}={prebuilt} does not exist")
         return prebuilt
     cc = _compiler()
-    path = _cache_dir() / _build_key(cc, SOURCE) / LIBRARY_NAME
+    path = _cache_dir() / _build_key(cc, _sources()) / LIBRARY_NAME
     return path if path.is_file() else build_library(path, cc=cc)
 
 
+def _sources() -> tuple[Path, ...]:
+    return SOURCE, RESAMPLE_SOURCE
+
+
 @functools.lru_cache(maxsize=None)
-def _build_key(cc: str, source: Path) -> str:
+def _build_key(cc: str, sources: tuple[Path, ...]) -> str:
     """What a build depends on: source, flags, compiler, CPU. Once per process: every ONNX Runtime session (each
     serving instance, each parity and timing runner) asks for the library, and `cc --version` is a subprocess."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     key = hashlib.sha256()
-    for part in (source.read_bytes(), " ".join(compile_flags() + LINK_FLAGS).encode(), "".join(version).encode(),
+    for part in (*(s.read_bytes() for s in sources), " ".join(compile_flags() + LINK_FLAGS).encode(), "".join(version).encode(),
                  platform.machine().encode(), _cpu_flags().encode()):
         key.update(part)
     return key.hexdigest()[:16]
