@@ -31,7 +31,7 @@ class ServeSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="bind address (0.0.0.0 to accept other hosts)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     max_batch: int | None = Field(None, ge=1, description="largest batch (default: the export's max_batch)")
-    max_delay_us: int = Field(500, ge=0, description="how long a batch waits for more requests after its first")
+    max_delay_us: int = Field(2000, ge=0, description="how long a batch waits for more requests after its first")
     queue_size: int = Field(256, ge=1, description="images waiting for inference; more -> 503 + Retry-After")
     timeout_ms: float = Field(10_000, gt=0, description="per-request deadline in the queue and worker -> 504")
     workers_decode: int = Field(default_factory=lambda: usable_cpus(), ge=1,
