@@ -75,6 +75,16 @@ def test_a_pass_pillow_skips_is_skipped_too():
                                       pillow_chw(img, box, size, "bilinear"))
 
 
+def test_empty_and_edge_boxes_give_pillows_bytes():
+    """Zero-width and zero-height boxes on the image's far edges, and a tiny one in its corner."""
+    pixels = np.random.default_rng(3).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    img = Image.fromarray(pixels)
+    for box in ((7, 0, 7, 5), (0, 5, 7, 5), (6.999, 4.999, 7, 5), (0, 0, 0.001, 0.001)):
+        for size in (1, 3, 9):
+            np.testing.assert_array_equal(resample.resample_rgb_chw(pixels, box, size, "bilinear"),
+                                          pillow_chw(img, box, size, "bilinear"), err_msg=f"{box} -> {size}")
+
+
 def test_coefficients_are_pillows_fixed_point():
     """Each output's taps sum to 1.0 in 22-bit fixed point (up to rounding), and the tap counts stay inside the
     image: what Pillow's precompute_coeffs guarantees."""

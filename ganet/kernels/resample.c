@@ -131,7 +131,8 @@ static int horizontal_pass(const uint8_t *src, ptrdiff_t stride, int rows, int c
         if (end > x1) x1 = end;
     }
     const int span = x1 - x0;
-    uint8_t *lanes = malloc((size_t)3 * (size_t)span * LANES), *block = malloc((size_t)3 * (size_t)out_w * LANES);
+    /* (+ 1: never malloc(0), whose NULL would read as a failure) */
+    uint8_t *lanes = malloc((size_t)3 * (size_t)span * LANES + 1), *block = malloc((size_t)3 * (size_t)out_w * LANES);
     if (!lanes || !block) {
         free(lanes);
         free(block);
@@ -149,7 +150,7 @@ static int horizontal_pass(const uint8_t *src, ptrdiff_t stride, int rows, int c
  * reads input rows bounds[2 yy] - shift, ... */
 static int vertical_pass(const uint8_t *in, ptrdiff_t in_stride, int width, const int32_t *bounds, int shift,
                          const int32_t *coeffs, int ksize, int out_h, uint8_t *out, ptrdiff_t out_stride) {
-    int32_t *acc = malloc(sizeof(int32_t) * (size_t)width);
+    int32_t *acc = malloc(sizeof(int32_t) * (size_t)width + 1);
     if (!acc) return -1;
     for (int yy = 0; yy < out_h; yy++) {
         const int ymin = bounds[2 * yy] - shift, n = bounds[2 * yy + 1];
@@ -189,7 +190,7 @@ __attribute__((visibility("default"))) int ganet_resample_rgb_chw(
             if (end > x1) x1 = end;
         }
         const int width = 3 * (x1 - x0);
-        if (!(tmp = malloc((size_t)out_h * (size_t)width))) return -1;
+        if (!(tmp = malloc((size_t)out_h * (size_t)width + 1))) return -1;
         status = vertical_pass(src + (ptrdiff_t)x0 * 3, src_stride, width, bounds_v, 0, coeffs_v, ksize_v, out_h,
                                tmp, width);
         if (!status)
@@ -201,7 +202,7 @@ __attribute__((visibility("default"))) int ganet_resample_rgb_chw(
         const ptrdiff_t plane = (ptrdiff_t)rows * out_w;
         if (!need_v) /* Pillow's vertical bounds then cover every row, once: write straight to dst */
             return horizontal_pass(src, src_stride, out_h, 0, bounds_h, coeffs_h, ksize_h, out_w, dst, out_plane);
-        if (!(tmp = malloc((size_t)(3 * plane)))) return -1;
+        if (!(tmp = malloc((size_t)(3 * plane) + 1))) return -1;
         status = horizontal_pass(src + (ptrdiff_t)first * src_stride, src_stride, rows, 0, bounds_h, coeffs_h,
                                  ksize_h, out_w, tmp, plane);
         for (int c = 0; c < 3 && !status; c++)

@@ -82,6 +82,7 @@ def coefficients(in_size: int, in0: float, in1: float, out_size: int, interpolat
     fixed = weights * (1 << PRECISION_BITS)
     fixed = np.trunc(np.where(weights < 0, -0.5 + fixed, 0.5 + fixed)).astype(np.int32)
     bounds = np.stack([xmin, count], axis=1).astype(np.int32)
+    bounds.flags.writeable = fixed.flags.writeable = False  # cached: shared by every call with this geometry
     return bounds, fixed
 
 
