@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -162,6 +163,13 @@ class ServeMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
+# ONNX Runtime on the CPU, default --max-batch: per image, this network costs the same at batch 4 as at 8 or 16
+# (4.01, 3.98, 4.03 ms on one core; 4.25 at 1), so a larger batch buys nothing, and one instance that takes 10
+# queued images leaves the others idle while its batch runs. With 16 clients on 2 cores (2 instances), a cap of 4
+# instead of the export's 32 served ~6% more images per second and cut p99 at half the peak from 44-62 to 43-46 ms.
+CPU_MAX_BATCH = 4
+
+
 def load_backends(s: ServeSettings) -> tuple[list[Backend], ModelSpec]:
     """One backend per --instances (each worker thread owns one: TensorRT contexts are not thread-safe).
 
@@ -174,12 +182,17 @@ def load_backends(s: ServeSettings) -> tuple[list[Backend], ModelSpec]:
                             fused_kernels=s.fused_kernels)
 
     first, spec = load()
+    on_cpu = first.name == "onnxruntime" and first.device == "CPUExecutionProvider"
     count = s.instances
     if count is None:
-        on_cpu = first.name == "onnxruntime" and first.device == "CPUExecutionProvider"
         count = max(1, usable_cpus() // first.session.get_session_options().intra_op_num_threads) if on_cpu else 1
         log.info("instances", extra={"event": "instances", "instances": count, "backend": first.name,
                                      "why": "one per intra-op thread group on the CPU" if on_cpu else "one per GPU"})
+    if on_cpu and s.max_batch is None and spec.max_batch > CPU_MAX_BATCH:
+        spec = dataclasses.replace(spec, max_batch=CPU_MAX_BATCH)
+        log.info("max batch", extra={"event": "max_batch", "max_batch": CPU_MAX_BATCH,
+                                     "why": "on the CPU larger batches cost as much per image and keep the other "
+                                            "instances idle (--max-batch overrides)"})
     return [first] + [load()[0] for _ in range(count - 1)], spec
 
 

@@ -30,7 +30,8 @@ class ServeSettings(BaseSettings):
     model_name: str | None = Field(None, description="name served under /v2/models/{name} (default: the model's)")
     host: str = Field("127.0.0.1", description="bind address (0.0.0.0 to accept other hosts)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
-    max_batch: int | None = Field(None, ge=1, description="largest batch (default: the export's max_batch)")
+    max_batch: int | None = Field(None, ge=1, description="largest batch (default: the export's max_batch; 4 for "
+                                  "ONNX Runtime on the CPU, where larger batches cost as much per image)")
     max_delay_us: int = Field(2000, ge=0, description="how long a batch waits for more requests after its first")
     queue_size: int = Field(256, ge=1, description="images waiting for inference; more -> 503 + Retry-After")
     timeout_ms: float = Field(10_000, gt=0, description="per-request deadline in the queue and worker -> 504")

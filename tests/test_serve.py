@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from ganet.preprocess import Preprocessing, image_to_uint8
-from ganet.serve.app import create_app, warmup_sizes
+from ganet.serve.app import CPU_MAX_BATCH, create_app, warmup_sizes
 from ganet.serve.backends import ModelSpec, OnnxRuntimeBackend, load_backend
 from ganet.serve.routes_classify import softmax
 from ganet.serve.settings import ServeSettings
@@ -421,6 +421,14 @@ def test_alone_equals_in_a_batch(export_dir):
     batched = backend(imgs)
     alone = np.concatenate([backend(imgs[i:i + 1]) for i in range(len(imgs))])
     assert np.abs(batched - alone).max() <= 1e-6
+
+
+def test_onnxruntime_on_the_cpu_caps_batches_at_4_unless_told(client, export_dir):
+    """The export allows 8; on the CPU the default cap is CPU_MAX_BATCH (4), --max-batch still wins."""
+    assert CPU_MAX_BATCH == 4
+    assert client.get("/v2/models/ga_shufflenet_v2_cifar").json()["parameters"]["max_batch"] == 4
+    with make_client(export_dir, max_batch=8, warmup=False) as c:
+        assert c.get("/v2/models/ga_shufflenet_v2_cifar").json()["parameters"]["max_batch"] == 8
 
 
 def test_warmup_sizes():
