@@ -13,7 +13,8 @@ Checks, in order (any failure prints the container's log and exits 1):
 4. the stop signal (SIGTERM, from the image's STOPSIGNAL) -> exit code 0 within --grace seconds.
 
 Prints one JSON line of timings, and which ONNX graph the service ran on the CPU according to its log ("fused":
-the image's prebuilt Group Attention kernel loaded; "standard": it did not, and the log says why). Needs only the Python standard library unless a reference check runs.
+the image's prebuilt Group Attention kernel loaded; "standard": it did not, and the log says why), and which resize
+its decoder used ("native": the same prebuilt library; "pillow": it did not load). Needs only the Python standard library unless a reference check runs.
 """
 from __future__ import annotations
 
@@ -182,7 +183,9 @@ def run_smoke_test(export: Path, image: str, engine: list[str], run_args: list[s
             if code != "0" or timings["stop_s"] >= grace:
                 raise SmokeFailure(f"after SIGTERM: exit code {code} in {timings['stop_s']:.1f} s (expected 0 "
                                    f"within {grace:g} s)")
-            timings["graph"] = _graph_from_log(_run([*engine, "logs", name], check=False))
+            log = _run([*engine, "logs", name], check=False)
+            timings["graph"] = _from_log(log, "graph", "graph")
+            timings["resize"] = _from_log(log, "decoder", "resize")
         except SmokeFailure:
             logs = _run([*engine, "logs", name], check=False)
             print(f"--- container log ({name}) ---\n{logs.stdout}{logs.stderr}", file=sys.stderr)
@@ -192,15 +195,16 @@ def run_smoke_test(export: Path, image: str, engine: list[str], run_args: list[s
     return timings
 
 
-def _graph_from_log(logs: subprocess.CompletedProcess) -> str | None:
-    """The ``"event": "graph"`` line of the service's JSON log: which ONNX graph ONNX Runtime runs on the CPU."""
+def _from_log(logs: subprocess.CompletedProcess, event: str, field: str) -> str | None:
+    """``field`` of the service's first JSON log line with this ``event`` ("graph": which ONNX graph ONNX Runtime
+    runs on the CPU; "decoder": which resize the decoder uses)."""
     for line in (logs.stdout + logs.stderr).splitlines():
         try:
             entry = json.loads(line)
         except ValueError:
             continue
-        if isinstance(entry, dict) and entry.get("event") == "graph":
-            return entry.get("graph")
+        if isinstance(entry, dict) and entry.get("event") == event:
+            return entry.get(field)
     return None
 
 

@@ -390,3 +390,4 @@ def test_image_builds_and_serves(tmp_path_factory):
     print(f"build {build_s:.0f} s, smoke {timings}")
     assert timings["max_score_diff"] <= 1e-4 and timings["stop_s"] < 20
     assert timings["graph"] == "fused"  # the image's prebuilt kernel (x86-64-v3) loads on this AVX2 CPU
+    assert timings["resize"] == "native"  # and its resize, checked against the image's Pillow on load
