@@ -23,6 +23,7 @@ from PIL import Image
 
 from _stats import spread  # benchmarks/_stats.py (scripts run from this folder)
 
+from ganet._io import atomic_write_bytes
 from ganet.export.parity import photo_arrays
 from ganet.kernels.resample import load
 from ganet.preprocess import Preprocessing, image_to_uint8
@@ -70,10 +71,7 @@ def main() -> None:
                          "repeat": args.repeat},
               "photos": rows,
               "speedup_median_over_photos": float(np.median([r["speedup"]["median"] for r in rows]))}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(args.out)
+    atomic_write_bytes(args.out, (json.dumps(result, indent=2) + "\n").encode())
     print(f"identical bytes on all {len(rows)} photos; median speed-up x{result['speedup_median_over_photos']:.2f}. "
           f"Wrote {args.out}")
 

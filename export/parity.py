@@ -13,8 +13,8 @@ import numpy as np
 
 from ganet.preprocess import Preprocessing, image_to_uint8, normalize_uint8
 
-__all__ = ["ParityInputs", "ParityResult", "ParityError", "TOLERANCES", "tolerances", "photo_arrays", "photographs", "digits_images", "dataset_of", "failure_message",
-           "parity_inputs", "torch_reference", "compare", "run_parity", "ort_session", "ort_runner"]
+__all__ = ["ParityInputs", "ParityResult", "ParityError", "TOLERANCES", "tolerances", "photo_arrays", "photographs",
+           "digits_images", "dataset_of", "failure_message", "parity_inputs", "torch_reference", "compare", "run_parity", "ort_session", "ort_runner"]
 
 # What "parity" means per artifact kind (the numbers).
 TOLERANCES = {"onnx": {"max_abs": 1e-4, "top1_agreement": 1.0},

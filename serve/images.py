@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import io
-import logging
 import warnings
 from collections.abc import Callable
 
@@ -29,8 +28,6 @@ from ganet.serve.errors import ServeError
 
 __all__ = ["FORMATS", "decode_image", "open_image", "jpeg_draft_scale", "resizer", "DRAFT_MARGIN",
            "DRAFT_MIN_PIXELS"]
-
-log = logging.getLogger("ganet.serve")
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")  # MPO: multi-picture JPEG from phone cameras
 _EXPECTED = "expected a JPEG, PNG, WebP, BMP, GIF or TIFF image"

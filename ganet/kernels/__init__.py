@@ -62,7 +62,7 @@ def compile_flags(march: str = "native") -> list[str]:
 def _compiler() -> str:
     cc = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
     if not cc or not shutil.which(cc):
-        raise KernelUnavailable(f"no C compiler found (looked for $CC, cc, gcc, clang) to build {SOURCE.name}; "
+        raise KernelUnavailable(f"no C compiler found (looked for $CC, cc, gcc, clang) to build {LIBRARY_NAME}; "
                                 "install gcc, or run the standard ONNX graph")
     return cc
 
@@ -90,12 +90,12 @@ def build_library(output: Path, march: str = "native", cc: str | None = None) ->
         cmd = [cc, *compile_flags(march), "-o", tmp, *map(str, _sources()), *LINK_FLAGS]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
-            raise KernelUnavailable(f"building {SOURCE.name} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
+            raise KernelUnavailable(f"building {LIBRARY_NAME} failed ({' '.join(cmd)}):\n{done.stderr[-2000:]}")
         os.chmod(tmp, 0o755)  # readable by every user, like any shared library (mkstemp made it 0600; the linker
         # keeps an existing file's mode, and dlopen needs read permission: a service user could not load it)
         os.replace(tmp, output)
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise KernelUnavailable(f"building {SOURCE.name} failed: {e}") from e
+        raise KernelUnavailable(f"building {LIBRARY_NAME} failed: {e}") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -126,8 +126,8 @@ def _build_key(cc: str, sources: tuple[Path, ...]) -> str:
     serving instance, each parity and timing runner) asks for the library, and `cc --version` is a subprocess."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     key = hashlib.sha256()
-    for part in (*(s.read_bytes() for s in sources), " ".join(compile_flags() + LINK_FLAGS).encode(), "".join(version).encode(),
-                 platform.machine().encode(), _cpu_flags().encode()):
+    for part in (*(s.read_bytes() for s in sources), " ".join(compile_flags() + LINK_FLAGS).encode(),
+                 "".join(version).encode(), platform.machine().encode(), _cpu_flags().encode()):
         key.update(part)
     return key.hexdigest()[:16]
 

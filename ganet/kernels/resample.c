@@ -121,15 +121,20 @@ static void horizontal_block(const uint8_t *src, ptrdiff_t stride, int rows_left
         }
 }
 
+/* [*lo, *hi): the source pixels (columns or rows) that n outputs with these bounds read. */
+static void tap_span(const int32_t *bounds, int n, int *lo, int *hi) {
+    *lo = bounds[0], *hi = 0;
+    for (int i = 0; i < n; i++) {
+        if (bounds[2 * i] < *lo) *lo = bounds[2 * i];
+        if (bounds[2 * i] + bounds[2 * i + 1] > *hi) *hi = bounds[2 * i] + bounds[2 * i + 1];
+    }
+}
+
 /* The horizontal pass over `rows` interleaved rows -> planar out (3, rows, out_w), planes `plane` bytes apart. */
 static int horizontal_pass(const uint8_t *src, ptrdiff_t stride, int rows, int col0, const int32_t *bounds,
                            const int32_t *coeffs, int ksize, int out_w, uint8_t *out, ptrdiff_t plane) {
-    int x0 = bounds[0], x1 = 0; /* the columns the taps read */
-    for (int xx = 0; xx < out_w; xx++) {
-        const int end = bounds[2 * xx] + bounds[2 * xx + 1];
-        if (bounds[2 * xx] < x0) x0 = bounds[2 * xx];
-        if (end > x1) x1 = end;
-    }
+    int x0, x1;
+    tap_span(bounds, out_w, &x0, &x1);
     const int span = x1 - x0;
     /* (+ 1: never malloc(0), whose NULL would read as a failure) */
     uint8_t *lanes = malloc((size_t)3 * (size_t)span * LANES + 1), *block = malloc((size_t)3 * (size_t)out_w * LANES);
@@ -183,12 +188,8 @@ __attribute__((visibility("default"))) int ganet_resample_rgb_chw(
     uint8_t *tmp = NULL;
     if (need_h && need_v && vertical_first) {
         /* vertical over the columns the horizontal taps read -> interleaved (out_h, span, 3) -> horizontal */
-        int x0 = bounds_h[0], x1 = 0;
-        for (int xx = 0; xx < out_w; xx++) {
-            const int end = bounds_h[2 * xx] + bounds_h[2 * xx + 1];
-            if (bounds_h[2 * xx] < x0) x0 = bounds_h[2 * xx];
-            if (end > x1) x1 = end;
-        }
+        int x0, x1;
+        tap_span(bounds_h, out_w, &x0, &x1);
         const int width = 3 * (x1 - x0);
         if (!(tmp = malloc((size_t)out_h * (size_t)width + 1))) return -1;
         status = vertical_pass(src + (ptrdiff_t)x0 * 3, src_stride, width, bounds_v, 0, coeffs_v, ksize_v, out_h,
@@ -197,7 +198,8 @@ __attribute__((visibility("default"))) int ganet_resample_rgb_chw(
             status = horizontal_pass(tmp, width, out_h, x0, bounds_h, coeffs_h, ksize_h, out_w, dst, out_plane);
     } else if (need_h) {
         /* horizontal over the rows the vertical taps read -> planar (3, rows, out_w) -> vertical, plane by plane */
-        const int first = bounds_v[0], last = bounds_v[2 * (out_h - 1)] + bounds_v[2 * (out_h - 1) + 1];
+        int first, last;
+        tap_span(bounds_v, out_h, &first, &last);
         const int rows = need_v ? last - first : out_h;
         const ptrdiff_t plane = (ptrdiff_t)rows * out_w;
         if (!need_v) /* Pillow's vertical bounds then cover every row, once: write straight to dst */
@@ -209,22 +211,19 @@ __attribute__((visibility("default"))) int ganet_resample_rgb_chw(
             status = vertical_pass(tmp + c * plane, out_w, out_w, bounds_v, first, coeffs_v, ksize_v, out_h,
                                    dst + c * out_plane, out_w);
     } else {
-        /* no horizontal pass: deinterleave (H, W, 3) -> (3, H, W), then the vertical pass if any */
+        /* no horizontal pass: deinterleave (H, W, 3) -> (3, H, W), into dst when there is no vertical pass either */
         const ptrdiff_t plane = (ptrdiff_t)src_h * src_w;
-        if (!(tmp = malloc((size_t)(3 * plane)))) return -1;
+        if (need_v && !(tmp = malloc((size_t)(3 * plane)))) return -1;
+        uint8_t *planes = need_v ? tmp : dst;
         for (int y = 0; y < src_h; y++) {
             const uint8_t *row = src + (ptrdiff_t)y * src_stride;
             for (int x = 0; x < src_w; x++)
                 for (int c = 0; c < 3; c++)
-                    tmp[c * plane + (ptrdiff_t)y * src_w + x] = row[3 * x + c];
+                    planes[c * plane + (ptrdiff_t)y * src_w + x] = row[3 * x + c];
         }
-        for (int c = 0; c < 3 && !status; c++) {
-            if (need_v)
-                status = vertical_pass(tmp + c * plane, src_w, src_w, bounds_v, 0, coeffs_v, ksize_v, out_h,
-                                       dst + c * out_plane, out_w);
-            else
-                memcpy(dst + c * out_plane, tmp + c * plane, (size_t)out_plane);
-        }
+        for (int c = 0; c < 3 && need_v && !status; c++)
+            status = vertical_pass(tmp + c * plane, src_w, src_w, bounds_v, 0, coeffs_v, ksize_v, out_h,
+                                   dst + c * out_plane, out_w);
     }
     free(tmp);
     return status;

@@ -24,7 +24,7 @@ from PIL import Image
 from ganet.kernels import KernelUnavailable, library_path
 from ganet.preprocess import Preprocessing, crop_box, image_to_uint8, to_rgb
 
-__all__ = ["load", "coefficients", "resample_rgb_chw"]
+__all__ = ["load", "coefficients", "resample_rgb_chw", "PASS_ORDERS"]
 
 log = logging.getLogger("ganet.kernels")
 
