@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from ganet.export.manifest import MANIFEST_FILE, Manifest, load_manifest, sha256_file
 
-__all__ = ["VerifyResult", "verify_export"]
+__all__ = ["VerifyResult", "verify_export", "file_problem"]
 
 # Re-run numbers may move by float noise (thread scheduling, another CPU); a recorded number that was edited or a
 # model that changed moves far more.
@@ -30,18 +30,27 @@ def _close(recorded: float, now: float) -> bool:
     return math.isclose(recorded, now, rel_tol=_RTOL, abs_tol=_ATOL)
 
 
+def file_problem(m: Manifest, rel: str) -> str | None:
+    """What is wrong with the listed file ``rel`` against the manifest (missing, size, SHA-256), or None. Also what
+    ``ganet-serve`` checks of every file it loads before it turns ready."""
+    entry = m.files.get(rel)
+    path = m.directory / rel
+    if entry is None:
+        return "not listed in the manifest"
+    if not path.is_file():
+        return f"missing (manifest lists {entry.bytes} bytes)"
+    if path.stat().st_size != entry.bytes:
+        return f"size {path.stat().st_size} bytes, manifest says {entry.bytes}"
+    if (digest := sha256_file(path)) != entry.sha256:
+        return f"sha256 {digest}, manifest says {entry.sha256}"
+    return None
+
+
 def _check_files(m: Manifest, result: VerifyResult) -> set[str]:
     """Hashes and sizes against the manifest; returns the listed files that are missing or differ."""
     changed = set()
-    for rel, entry in m.files.items():
-        path = m.directory / rel
-        if not path.is_file():
-            problem = f"missing (manifest lists {entry.bytes} bytes)"
-        elif path.stat().st_size != entry.bytes:
-            problem = f"size {path.stat().st_size} bytes, manifest says {entry.bytes}"
-        elif (digest := sha256_file(path)) != entry.sha256:
-            problem = f"sha256 {digest}, manifest says {entry.sha256}"
-        else:
+    for rel in m.files:
+        if (problem := file_problem(m, rel)) is None:
             continue
         changed.add(rel)
         result.differences.append(f"{rel}: {problem}")

@@ -85,6 +85,8 @@ class Preprocessing:
         return cls(**d)
 
 
+_CHUNK = 1 << 20  # pixels per step of the 16-bit conversion: 8 MB of float64 at a time
+
 _PIL_FILTERS = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling values
 
 
@@ -102,15 +104,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
         import numpy as np
         from PIL import Image
 
-        a = np.asarray(img, dtype=np.float64)
+        a = np.asarray(img)  # its own dtype; converted a chunk at a time, never as a float64 copy of the whole image
         peak = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(a * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8), "L")
+        out = np.empty(a.shape, np.uint8)
+        src, dst = a.reshape(-1), out.reshape(-1)  # flat: any aspect ratio, a 1x50,000,000 image too
+        for i in range(0, src.size, _CHUNK):
+            dst[i:i + _CHUNK] = np.clip(src[i:i + _CHUNK].astype(np.float64) * (255.0 / peak) + 0.5, 0, 255
+                                        ).astype(np.uint8)
+        img = Image.fromarray(out, "L")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         from PIL import Image
 
-        rgba = img.convert("RGBA")
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")  # alpha_composite copies: no need to here
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
     return img if img.mode == "RGB" else img.convert("RGB")

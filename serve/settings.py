@@ -51,6 +51,18 @@ class ServeSettings(BaseSettings):
     max_files: int = Field(64, ge=1, description="most images in one /classify request")
     warmup: bool = Field(True, description="run every batch size once before turning ready")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="structured log level")
+    max_decode_bytes: int = Field(2**30, ge=2**20, description="decode budget: bytes that the images (and large "
+                                  "JSON bodies) being decoded at once may take, estimated from each header before "
+                                  "any pixel is decoded; an image that alone needs more -> 413, others wait for "
+                                  "room within their deadline (default 1 GiB: a 50-megapixel RGB PNG needs ~0.5)")
+    header_timeout_s: float = Field(10.0, gt=0, description="a connection must finish a request's headers this "
+                                    "long after it opens or starts the request -> 408 and closed")
+    keep_alive_s: float = Field(5.0, gt=0, description="idle keep-alive connections are closed after this long")
+    max_connections: int | None = Field(None, ge=1, description="open connections at most; past it the longest "
+                                        "idle one is closed, or the new one gets 503 + Retry-After if all are busy "
+                                        "(default: 1024, lowered to fit RLIMIT_NOFILE)")
+    skip_verify: bool = Field(False, description="do not check the SHA-256 of the model files against the "
+                              "manifest before serving (they are checked by default; a mismatch stops the start)")
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -1,0 +1,115 @@
+"""Decoding a request's images in the decode thread pool, inside the decode budget and the request's deadline.
+
+Each image goes through two steps on a decode thread: the header (format, size, mode: the limits and the budget
+estimate, ``ganet.serve.budget``), then, once its bytes are reserved in the budget (on the event loop, never
+holding a thread), the pixels. Between and before the steps the request's deadline is checked, so an image whose
+request has already been answered 504, or whose client left, is never decoded. One request runs at most
+``per_request`` images at once (half the threads), so a multipart of sixteen expensive images leaves the other
+threads to the requests that arrive beside it. The budget is released when the thread really finishes, even if
+the request stopped waiting for it, so the memory bound holds.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+import numpy as np
+
+from ganet.preprocess import Preprocessing
+from ganet.serve.budget import TRIM_AFTER_BYTES, ByteBudget, estimate_decode_bytes, release_freed_memory
+from ganet.serve.errors import ServeError
+from ganet.serve.images import decode_opened, probe_image
+
+__all__ = ["Decoder", "run_budgeted", "first_error_cancels", "deadline_error"]
+
+T = TypeVar("T")
+
+
+def deadline_error(timeout_ms: float, where: str) -> ServeError:
+    return ServeError(504, "deadline_exceeded", f"the request's deadline of {timeout_ms:g} ms (--timeout-ms) passed "
+                                                f"{where}")
+
+
+async def first_error_cancels(coros: Sequence[Awaitable[T]]) -> list[T]:
+    """``asyncio.gather``, except that the first failure cancels the others (their decodes never start)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in tasks:
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                raise t.exception()
+        return [t.result() for t in tasks]
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def run_budgeted(pool: concurrent.futures.Executor, budget: ByteBudget, nbytes: int, deadline: float,
+                       what: str, fn: Callable[..., T], *args) -> T:
+    """``fn(*args)`` on ``pool`` once ``nbytes`` are reserved in ``budget``; released when ``fn`` returns (or is
+    cancelled before it starts), not when the caller stops waiting."""
+    await budget.acquire(nbytes, deadline, what)
+    loop = asyncio.get_running_loop()
+    try:
+        future = pool.submit(fn, *args)
+    except BaseException:
+        budget.release(nbytes)
+        raise
+    future.add_done_callback(lambda _: loop.call_soon_threadsafe(budget.release, nbytes))
+    return await asyncio.wrap_future(future)
+
+
+class Decoder:
+    """``await decoder.decode_all(datas, deadline)`` -> [((3, S, S) uint8, seconds), ...] in request order."""
+
+    def __init__(self, pool: concurrent.futures.ThreadPoolExecutor, threads: int, budget: ByteBudget,
+                 prep: Preprocessing, max_pixels: int, timeout_ms: float) -> None:
+        self.pool, self.budget, self.prep = pool, budget, prep
+        self.max_pixels, self.timeout_ms = max_pixels, timeout_ms
+        self.per_request = max(1, threads // 2)
+
+    def _probe(self, data: bytes, deadline: float):
+        if time.monotonic() >= deadline:  # queued behind other work past the deadline: not started
+            raise deadline_error(self.timeout_ms, "before the image was decoded")
+        img, draft = probe_image(data, self.prep, self.max_pixels)
+        return img, draft, estimate_decode_bytes(img, self.prep, draft)
+
+    def _decode(self, img, draft: int, estimate: int, deadline: float) -> tuple[np.ndarray, float]:
+        if time.monotonic() >= deadline:
+            raise deadline_error(self.timeout_ms, "before the image was decoded")
+        start = time.perf_counter()
+        try:
+            return decode_opened(img, self.prep, draft), time.perf_counter() - start
+        finally:
+            img.close()
+            if estimate > TRIM_AFTER_BYTES:
+                del img
+                release_freed_memory()
+
+    async def decode_one(self, data: bytes, deadline: float, what: str = "the image") -> tuple[np.ndarray, float]:
+        loop = asyncio.get_running_loop()
+        img, draft, estimate = await loop.run_in_executor(self.pool, self._probe, data, deadline)
+        return await run_budgeted(self.pool, self.budget, estimate, deadline, what, self._decode, img, draft,
+                                  estimate, deadline)
+
+    async def decode_all(self, datas: Sequence[bytes], deadline: float,
+                         names: Sequence[str | None] | None = None) -> list[tuple[np.ndarray, float]]:
+        """Every image, at most ``per_request`` at a time; the first failure cancels the rest. With several images
+        an error names the one it is about."""
+        gate = asyncio.Semaphore(self.per_request)
+
+        async def one(i: int, data: bytes) -> tuple[np.ndarray, float]:
+            what = "the image" if len(datas) == 1 else f"image {i + 1}"
+            async with gate:
+                try:
+                    return await self.decode_one(data, deadline, what)
+                except ServeError as e:
+                    if len(datas) > 1 and e.status != 504:
+                        name = names[i] if names else None
+                        e.message = f"file {i + 1}" + (f" ({name})" if name else "") + f": {e.message}"
+                    raise
+
+        return await first_error_cancels([one(i, d) for i, d in enumerate(datas)])
