@@ -15,7 +15,7 @@ import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 
-from ganet.serve.backends import Backend, ModelSpec, load_backend
+from ganet.serve.backends import Backend, BackendError, ModelSpec, load_backend
 from ganet.serve.batcher import BatchResult, DeadlineExceededError, DynamicBatcher, QueueFullError
 from ganet.serve.budget import ByteBudget
 from ganet.serve.decode import Decoder, deadline_error
@@ -187,7 +187,7 @@ def prepare(s: ServeSettings) -> tuple[list[Backend], ModelSpec]:
         backends, spec = load_backends(s)
     except StartupError:
         raise
-    except (ValueError, OSError) as e:  # manifest, checkpoint, backend choice: they name the file already
+    except (ValueError, OSError, BackendError) as e:  # manifest, checkpoint, backend choice: they name the file
         raise StartupError(one_line(e)) from None
     except Exception as e:  # ONNX Runtime, TensorRT, torch: a file their parsers refuse
         raise StartupError(f"{s.model}: the model cannot be loaded ({type(e).__name__}: {one_line(e)})") from None

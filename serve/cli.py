@@ -95,10 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     from ganet.serve.app import create_app, prepare, warm_up
     from ganet.serve.connections import ConnectionLimits, guarded_protocol
     from ganet.serve.limits import connection_cap
-    from ganet.serve.logs import configure_logging
+    from ganet.serve.logs import configure_logging, held_back
     from ganet.serve.startup import StartupError
 
-    configure_logging(settings.log_level)
+    handler = configure_logging(settings.log_level)
     try:
         sock = bind(settings.host, settings.port)  # first: a port in use is found out before the model loads
     except OSError as e:
@@ -106,9 +106,10 @@ def main(argv: list[str] | None = None) -> int:
               "server there? choose another --port)", file=sys.stderr)
         return 2
     try:  # every check that can refuse the model, then the warm-up, before the socket listens
-        backends, spec = prepare(settings)
-        if settings.warmup:
-            warm_up(backends, spec)
+        with held_back(handler):
+            backends, spec = prepare(settings)
+            if settings.warmup:
+                warm_up(backends, spec)
     except StartupError as e:
         sock.close()
         print(f"ganet-serve: error: {e}", file=sys.stderr)

@@ -80,8 +80,8 @@ def check_contract(backends: list[Backend], spec: ModelSpec, model: Path) -> Non
     declared shapes (ONNX Runtime) and by running one image through every instance."""
     s, classes = spec.preprocessing.input_size, spec.num_classes
     for backend in backends:
-        where = getattr(backend, "path", None) or model
         session = getattr(backend, "session", None)
+        where = getattr(session, "_model_path", None) or getattr(backend, "path", None) or model
         if session is not None and hasattr(session, "get_inputs"):
             declared_in = session.get_inputs()[0].shape  # ['batch', 3, S, S]
             declared_out = session.get_outputs()[0].shape  # ['batch', C]
