@@ -24,7 +24,8 @@ _BODY_DOC = {
                        "batch and answered in order).",
         "content": {
             "multipart/form-data": {"schema": {"type": "object", "properties": {
-                "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}, "required": ["file"]}},
+                "file": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1}},
+                "required": ["file"]}},
             "image/*": {"schema": {"type": "string", "format": "binary"}},
         },
         "required": True,
