@@ -21,6 +21,7 @@ import ctypes
 import ctypes.util
 import logging
 import math
+import threading
 import time
 
 from PIL import ExifTags, Image
@@ -100,39 +101,63 @@ def json_parse_bytes(text_bytes: int) -> int:
 
 
 class ByteBudget:
-    """A pool of ``total`` bytes, reserved and released on the event loop. Reservations do not queue in order: any
-    that fits goes, so a small image never waits behind a large one."""
+    """A pool of ``total`` bytes. ``try_acquire`` and ``release`` work from any thread (a decode thread reserves and
+    decodes in one step when the bytes are free); ``acquire`` waits on the event loop, never on a thread.
+    Reservations do not queue in order: any that fits goes, so a small image never waits behind a large one."""
 
     def __init__(self, total: int) -> None:
         self.total, self.in_use = total, 0
+        self._lock = threading.Lock()
         self._waiters: list[asyncio.Future] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def acquire(self, n: int, deadline: float, what: str) -> None:
-        """Reserve ``n`` bytes before the ``deadline`` (time.monotonic()); 413 if ``n`` can never fit, 504 if the
-        deadline passes first."""
+    def check(self, n: int, what: str) -> None:
+        """413 if ``n`` bytes can never fit."""
         if n > self.total:
             raise ServeError(413, "decode_budget_exceeded",
                              f"{what} needs about {format_bytes(n)} to decode, over the decode budget of "
                              f"{format_bytes(self.total)} (--max-decode-bytes {self.total})")
-        while self.in_use + n > self.total:
+
+    def try_acquire(self, n: int) -> bool:
+        with self._lock:
+            if self.in_use + n > self.total:
+                return False
+            self.in_use += n
+            return True
+
+    async def acquire(self, n: int, deadline: float, what: str) -> None:
+        """Reserve ``n`` bytes before the ``deadline`` (time.monotonic()); 413 if ``n`` can never fit, 504 if the
+        deadline passes first."""
+        self.check(n, what)
+        self._loop = asyncio.get_running_loop()
+        while not self.try_acquire(n):
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ServeError(504, "deadline_exceeded", f"the request's deadline passed while {what} waited "
                                                            f"for {format_bytes(n)} of the decode budget")
-            freed = asyncio.get_running_loop().create_future()
+            freed = self._loop.create_future()
             self._waiters.append(freed)
             try:
+                if self.try_acquire(n):  # released between the first try and the waiter's registration
+                    return
                 await asyncio.wait_for(freed, left)
             except TimeoutError:
                 pass
             finally:
                 if freed in self._waiters:
                     self._waiters.remove(freed)
-        self.in_use += n
 
     def release(self, n: int) -> None:
-        """Give ``n`` bytes back (on the event loop) and wake every waiter to try again."""
-        self.in_use -= n
+        """Give ``n`` bytes back (from any thread) and wake every waiter to try again."""
+        with self._lock:
+            self.in_use -= n
+        if self._waiters and self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._wake)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+    def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []
         for w in waiters:
             if not w.done():

@@ -52,13 +52,19 @@ async def run_budgeted(pool: concurrent.futures.Executor, budget: ByteBudget, nb
     """``fn(*args)`` on ``pool`` once ``nbytes`` are reserved in ``budget``; released when ``fn`` returns (or is
     cancelled before it starts), not when the caller stops waiting."""
     await budget.acquire(nbytes, deadline, what)
-    loop = asyncio.get_running_loop()
+
+    def run() -> T:
+        try:
+            return fn(*args)
+        finally:
+            budget.release(nbytes)
+
     try:
-        future = pool.submit(fn, *args)
+        future = pool.submit(run)
     except BaseException:
         budget.release(nbytes)
         raise
-    future.add_done_callback(lambda _: loop.call_soon_threadsafe(budget.release, nbytes))
+    future.add_done_callback(lambda f: budget.release(nbytes) if f.cancelled() else None)
     return await asyncio.wrap_future(future)
 
 
@@ -71,11 +77,20 @@ class Decoder:
         self.max_pixels, self.timeout_ms = max_pixels, timeout_ms
         self.per_request = max(1, threads // 2)
 
-    def _probe(self, data: bytes, deadline: float):
+    def _probe(self, data: bytes, deadline: float, what: str):
+        """On a decode thread: the header, the estimate, and the decode itself when its bytes are free now (one
+        thread hop for the common case); else the probed image, to wait for the budget on the event loop."""
         if time.monotonic() >= deadline:  # queued behind other work past the deadline: not started
             raise deadline_error(self.timeout_ms, "before the image was decoded")
         img, draft = probe_image(data, self.prep, self.max_pixels)
-        return img, draft, estimate_decode_bytes(img, self.prep, draft)
+        estimate = estimate_decode_bytes(img, self.prep, draft)
+        self.budget.check(estimate, what)
+        if not self.budget.try_acquire(estimate):
+            return None, (img, draft, estimate)
+        try:
+            return self._decode(img, draft, estimate, deadline), None
+        finally:
+            self.budget.release(estimate)
 
     def _decode(self, img, draft: int, estimate: int, deadline: float) -> tuple[np.ndarray, float]:
         if time.monotonic() >= deadline:
@@ -91,7 +106,10 @@ class Decoder:
 
     async def decode_one(self, data: bytes, deadline: float, what: str = "the image") -> tuple[np.ndarray, float]:
         loop = asyncio.get_running_loop()
-        img, draft, estimate = await loop.run_in_executor(self.pool, self._probe, data, deadline)
+        done, waiting = await loop.run_in_executor(self.pool, self._probe, data, deadline, what)
+        if done is not None:
+            return done
+        img, draft, estimate = waiting
         return await run_budgeted(self.pool, self.budget, estimate, deadline, what, self._decode, img, draft,
                                   estimate, deadline)
 

@@ -87,9 +87,9 @@ class ServeMiddleware:
 
         async def receive_wrapper() -> dict:
             nonlocal received, watcher
-            left = deadline - time.monotonic()
             try:
-                message = await asyncio.wait_for(receive(), max(left, 0.001))
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.001)):
+                    message = await receive()
             except TimeoutError:
                 raise ServeError(408, "request_timeout", f"the request body did not arrive within the deadline of "
                                                          f"{settings.timeout_ms:g} ms (--timeout-ms)",
