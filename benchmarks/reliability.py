@@ -115,6 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         report["server_log_tracebacks"] = server.log_text().count("Traceback")
     finally:
         server.stop()
+    step("flood with a 300 ms deadline")
+    short = rs.start_server(args.export, *server_args, "--timeout-ms", "300", nofile=512, log_dir=work)
+    try:
+        report["flood_300ms"] = rs.flood(short, 2 * report["capacity"]["images_per_s"], args.flood_s, 0.3)
+    finally:
+        short.stop()
     step("SIGTERM under load")
     report["sigterm"] = rs.sigterm_under_load(args.export, 64, 10.0, *server_args)
     step("start-up integrity")
@@ -179,7 +185,11 @@ def markdown(r: dict) -> str:
               f"after +{cr['after_over_baseline_mb']} MiB over {cr['baseline_mb']} MiB.", "",
               "## Load", "",
               f"* capacity (8 closed-loop clients, a 640x427 JPEG): {r['capacity']['images_per_s']} images/s",
-              f"* flood at {r['flood']['rate']:.0f}/s for {r['flood']['seconds']} s: {r['flood']['outcome']}",
+              f"* flood at {r['flood']['rate']:.0f}/s for {r['flood']['seconds']} s: {r['flood']['outcome']}; images "
+              f"inferred for requests already answered: {r['flood']['inferred_for_answered']} of "
+              f"{r['flood']['images_inferred']}",
+              f"* the same with --timeout-ms 300: {r['flood_300ms']['outcome']['statuses']}; inferred for answered "
+              f"requests: {r['flood_300ms']['inferred_for_answered']} of {r['flood_300ms']['images_inferred']}",
               f"* adversarial flood ({r['adversarial']['seconds']} s): normal {r['adversarial']['normal']}; "
               f"adversaries {r['adversarial']['adversaries']['statuses']}; mid-body disconnects "
               f"{r['adversarial']['disconnects_sent']}",

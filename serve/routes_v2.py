@@ -150,7 +150,7 @@ def _pixels(tensor: V2Tensor, raw: bytes | None, sample: tuple[int, int, int]) -
     if len(shape) != 4 or shape[1:] != sample or shape[0] < 1:
         raise ServeError(400, "invalid_tensor", f"input {INPUT_NAME!r} {tensor.datatype}: expected shape "
                                                 f"[B, {', '.join(map(str, sample))}], got {list(shape)}")
-    dtype = np.uint8 if tensor.datatype == "UINT8" else np.dtype("<f4")
+    dtype = np.dtype(np.uint8) if tensor.datatype == "UINT8" else np.dtype("<f4")
     count = int(np.prod(shape))
     data = tensor.data if tensor.data is not None else []
     if raw is None and len(data) != count:  # before converting anything

@@ -93,6 +93,8 @@ def test_flood_at_twice_capacity_gets_only_defined_answers(server):
     out = result["outcome"]
     assert not result["unexpected"] and out["hung"] == 0 and not out["connection_errors"], result
     assert out["retry_after_missing"] == 0 and out["statuses"].get("200", 0) > 0, result
+    # work for requests already answered (504, or the client gone) is dropped before inference
+    assert result["inferred_for_answered"] <= max(3, 0.02 * out["requests"]), result
 
 
 def test_normal_requests_keep_their_deadline_beside_an_adversarial_flood(server):
