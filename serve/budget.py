@@ -29,7 +29,7 @@ from PIL import ExifTags, Image
 from ganet.preprocess import Preprocessing, crop_box
 from ganet.serve.errors import ServeError
 
-__all__ = ["ByteBudget", "estimate_decode_bytes", "json_parse_bytes", "release_freed_memory", "TRIM_AFTER_BYTES",
+__all__ = ["ByteBudget", "estimate_decode_bytes", "json_parse_bytes", "release_freed_memory", "TRIM_AFTER_BYTES", "TRIM_EVERY_BYTES",
            "format_bytes"]
 
 log = logging.getLogger("ganet.serve")
@@ -41,6 +41,7 @@ _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 # 24-32 byte object per value of at least 2 bytes ("0,"), then a float64 copy. 16x the text bounds all of it.
 JSON_EXPANSION = 16
 TRIM_AFTER_BYTES = 32 * 2**20  # decodes larger than this hand freed heap pages back to the OS (malloc_trim)
+TRIM_EVERY_BYTES = 256 * 2**20  # and so does every 256 MiB of smaller ones (fragments of many threads' arenas)
 
 
 def format_bytes(n: int) -> str:

@@ -19,7 +19,7 @@ from typing import TypeVar
 import numpy as np
 
 from ganet.preprocess import Preprocessing
-from ganet.serve.budget import TRIM_AFTER_BYTES, ByteBudget, estimate_decode_bytes, release_freed_memory
+from ganet.serve.budget import TRIM_AFTER_BYTES, TRIM_EVERY_BYTES, ByteBudget, estimate_decode_bytes, release_freed_memory
 from ganet.serve.errors import ServeError
 from ganet.serve.images import decode_opened, probe_image
 
@@ -76,6 +76,7 @@ class Decoder:
         self.pool, self.budget, self.prep = pool, budget, prep
         self.max_pixels, self.timeout_ms = max_pixels, timeout_ms
         self.per_request = max(1, threads // 2)
+        self._since_trim = 0  # bytes decoded since the last malloc_trim
 
     def _probe(self, data: bytes, deadline: float, what: str):
         """On a decode thread: the header, the estimate, and the decode itself when its bytes are free now (one
@@ -100,7 +101,9 @@ class Decoder:
             return decode_opened(img, self.prep, draft), time.perf_counter() - start
         finally:
             img.close()
-            if estimate > TRIM_AFTER_BYTES:
+            self._since_trim += estimate
+            if estimate > TRIM_AFTER_BYTES or self._since_trim > TRIM_EVERY_BYTES:
+                self._since_trim = 0
                 del img
                 release_freed_memory()
 
