@@ -169,7 +169,7 @@ def test_openapi_declares_what_the_server_enforces(client):
     spec = client.get("/openapi.json").json()
     (top_k,) = [p for p in spec["paths"]["/classify"]["post"]["parameters"] if p["name"] == "top_k"]
     assert top_k["schema"]["maximum"] == 10 and top_k["schema"]["minimum"] == 1 and top_k["schema"]["default"] == 5
-    for path in (f"/v2/models/{{name}}/infer", "/v2/models/{name}/versions/{version}/infer"):
+    for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
         op = spec["paths"][path]["post"]
         assert {"application/json", "application/octet-stream"} <= set(op["requestBody"]["content"]), path
         assert "Inference-Header-Content-Length" in [p["name"] for p in op["parameters"]], path
