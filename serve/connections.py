@@ -7,8 +7,10 @@ in the kernel's backlog. :func:`guarded_protocol` wraps uvicorn's httptools prot
 
 * a connection has ``header_timeout_s`` from its first byte (or from being accepted) to finish a request's
   headers; past that it gets ``408`` (if it sent anything) and is closed;
-* after a response, ``keep_alive_s`` of silence closes it (uvicorn's own timer), and a connection whose request
-  body was not read to the end (an early 4xx) is closed at once instead of left to trickle;
+* after a response, ``keep_alive_s`` of silence closes it (uvicorn's own timer); a connection whose request body
+  was not read to the end (an early 4xx: 413, 401, 415) is half-closed, its incoming bytes dropped unparsed for
+  ``LINGER_S``, then closed (nginx's lingering close: closing at once would reset the connection and could destroy
+  the answer before the client reads it);
 * at most ``max_connections`` are open. A new connection past the cap closes the connection that has been idle
   longest (no request in progress: waiting for headers or kept alive), as nginx reuses idle keep-alive
   connections; if every connection is busy with a request, the new one is answered ``503`` with ``Retry-After``
@@ -30,6 +32,8 @@ __all__ = ["ConnectionLimits", "guarded_protocol"]
 
 log = logging.getLogger("ganet.serve")
 
+LINGER_S = 2.0  # after an early answer, how long the unread rest of a request body is drained before closing
+
 
 @dataclass
 class ConnectionLimits:
@@ -46,6 +50,19 @@ def _raw_response(status: int, reason: str, code: str, message: str, extra: str 
     head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
             f"{extra}connection: close\r\n\r\n")
     return head.encode() + body
+
+
+class _LingeringClose:
+    """The transport as a request/response cycle sees it: ``close()`` lingers while the request's body is unread."""
+
+    def __init__(self, transport, protocol) -> None:  # noqa: ANN001
+        self._transport, self._protocol = transport, protocol
+
+    def close(self) -> None:
+        self._protocol.close_or_linger()
+
+    def __getattr__(self, name: str):  # noqa: ANN204  (write, is_closing, get_extra_info, ...)
+        return getattr(self._transport, name)
 
 
 def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
@@ -79,7 +96,7 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
 
         def connection_made(self, transport) -> None:  # noqa: ANN001
             super().connection_made(transport)
-            self._began = False
+            self._began = self._lingering = False
             if len(limits.open) >= limits.max_connections and not self._evict_idle():
                 limits.on_refused("connection_cap")
                 transport.write(_raw_response(503, "Service Unavailable", "too_many_connections",
@@ -108,9 +125,31 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            if self._lingering:  # the rest of a body nobody reads: dropped unparsed
+                return
             if self._header_timer is None and not self._busy():  # a new request on a kept-alive connection
                 self._arm_header_timer()
             super().data_received(data)
+
+        def close_or_linger(self) -> None:
+            if self.cycle is not None and self.cycle.more_body and not self.transport.is_closing():
+                self._linger()
+            else:
+                self.transport.close()
+
+        def _linger(self) -> None:
+            """The answer went out before the request's body was read (413, 401, 415, ...). Closing now, with the
+            client's bytes unread in the socket, makes the kernel send a reset that can destroy the answer before
+            the client reads it; so, as nginx's lingering close: end our side (FIN), drop whatever still arrives,
+            close after ``LINGER_S``."""
+            if self._lingering:
+                return
+            self._lingering = True
+            self._disarm_header_timer()
+            self._unset_keepalive_if_required()
+            if self.transport.can_write_eof():
+                self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -120,12 +159,16 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
             self._disarm_header_timer()
             self._began = False
             super().on_headers_complete()
+            if self.cycle is not None:  # uvicorn closes through the cycle's transport: linger instead if need be
+                self.cycle.transport = _LingeringClose(self.transport, self)
 
         def on_response_complete(self) -> None:
             unread = self.cycle is not None and self.cycle.more_body
+            if self._lingering:
+                return
             super().on_response_complete()
             if unread and not self.transport.is_closing():  # the rest of the body would only trickle in
-                self.transport.close()
+                self._linger()
                 return
             if self in limits.open:  # idle again: move to the end of the eviction order
                 limits.open.pop(self)

@@ -68,12 +68,16 @@ class ServeMiddleware:
         task = asyncio.current_task()
         watcher: asyncio.Task | None = None
         gone = False  # the client disconnected before the answer
+        body_done = False  # the app has received the whole body
 
         async def send_wrapper(message: dict) -> None:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 status, started = message["status"], True
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                extra = [(b"x-request-id", request_id.encode())]
+                if expects_body and not body_done:  # answered early (413, 401, 415): this connection is done
+                    extra.append((b"connection", b"close"))
+                message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         async def watch_disconnect() -> None:
@@ -86,7 +90,7 @@ class ServeMiddleware:
                 task.cancel()
 
         async def receive_wrapper() -> dict:
-            nonlocal received, watcher
+            nonlocal received, watcher, body_done
             try:
                 async with asyncio.timeout(max(deadline - time.monotonic(), 0.001)):
                     message = await receive()
@@ -98,19 +102,20 @@ class ServeMiddleware:
                 raise ClientDisconnect()
             received += len(message.get("body", b""))
             if received > limit:  # chunked bodies without Content-Length
-                raise ServeError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes",
-                                 {"Connection": "close"})
+                raise ServeError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
             if not message.get("more_body", False) and watcher is None:
+                body_done = True
                 watcher = asyncio.ensure_future(watch_disconnect())
             return message
 
         length = header_int(headers.get("content-length"))
+        expects_body = bool(length) or "chunked" in headers.get("transfer-encoding", "").lower()
         try:
             if length is not None and length > limit:
                 status = 413
                 for m in _json_response(413, {"error": f"request body of {length} bytes exceeds the limit of "
                                                        f"{limit} bytes", "code": "body_too_large",
-                                              "request_id": request_id}, [(b"connection", b"close")]):
+                                              "request_id": request_id}):  # the connection lingers
                     await send_wrapper(m)
             else:
                 await self.app(scope, receive_wrapper, send_wrapper)
