@@ -145,3 +145,17 @@ def test_disconnect_mid_body_is_499_without_a_traceback(server):
     assert "Traceback" not in server.log_text()
     with httpx.Client(base_url=server.url) as c:
         assert c.get("/v2/health/ready").status_code == 200
+
+
+def test_early_answers_reach_the_client_before_the_body_is_read(server):
+    """A 413 on Content-Length and a 415 are sent before the body is read; the connection lingers (half-closed,
+    the rest dropped) instead of resetting, so the client reads the answer, and the next request works."""
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        for _ in range(2):
+            r = c.post("/classify", content=b"\x00" * (21 * 2**20), headers={"Content-Type": "image/png"})
+            assert r.status_code == 413 and r.json()["code"] == "body_too_large"
+            assert r.headers["connection"] == "close"
+            r = c.post("/classify", content=b"x" * 5_000_000, headers={"Content-Type": "text/plain"})
+            assert r.status_code == 415 and r.json()["code"] == "unsupported_media_type"
+            path, body, headers = rs.normal_request()
+            assert c.post(path, content=body, headers=headers).status_code == 200
