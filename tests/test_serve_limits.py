@@ -238,3 +238,37 @@ def test_cli_rejects_abbreviations_and_documents_its_limits(export_dir):  # noqa
     for words in ("--max-decode-bytes", "--header-timeout-s", "--keep-alive-s", "--max-connections",
                   "--skip-verify", "exit codes", "port in use"):
         assert words in help_text, words
+
+
+class BrokenBackend:
+    """A stand-in backend that fails (a bug in the server, as far as the client is concerned): ONLY for the 500."""
+
+    name, device = "broken", "cpu"
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        raise RuntimeError("the backend broke")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_server_bug_is_a_500_that_carries_the_request_id(export_dir, caplog):  # noqa: F811
+    import logging
+
+    from ganet.serve.backends import ModelSpec
+
+    spec = ModelSpec("stub", tuple("abcdefghij"), Preprocessing.for_input_size(32), max_batch=1)
+    app = create_app(ServeSettings(model=export_dir, warmup=False, workers_decode=1), backends=[BrokenBackend()],
+                     spec=spec)
+    logger = logging.getLogger("ganet.serve")
+    logger.addHandler(caplog.handler)
+    try:
+        with TestClient(app, raise_server_exceptions=False) as c:
+            r = c.post("/classify", content=encode(real_images.photos("coffee")["coffee"], "PNG"),
+                       headers={"Content-Type": "image/png", "X-Request-ID": "bug-42"})
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert_error(r, 500, "internal_error")
+    assert r.json()["request_id"] == "bug-42" and "the backend broke" not in r.text
+    logged = {id(rec) for rec in caplog.records if getattr(rec, "request_id", None) == "bug-42" and rec.exc_info}
+    assert len(logged) == 1  # the trace, once, under the request's id (caplog may see a record twice)
