@@ -93,7 +93,7 @@ def schemathesis(url: str, seed: int, max_examples: int, model_name: bool, workd
            "--workers", "1", "--request-timeout", "20", "--phases", "examples,coverage,fuzzing",
            "--report", "ndjson", "--report-ndjson-path", str(report)]
     start = time.monotonic()
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=max_time_s + 120)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=max_time_s + 120, cwd=workdir)  # its cache
     out = result.stdout + result.stderr
     summary = next((line.strip("= ") for line in reversed(out.splitlines()) if " in " in line and "=" in line), "")
     generated = next((line.strip() for line in out.splitlines() if "generated" in line), "")
