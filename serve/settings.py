@@ -34,7 +34,8 @@ class ServeSettings(BaseSettings):
                                   "ONNX Runtime on the CPU, where larger batches cost as much per image)")
     max_delay_us: int = Field(2000, ge=0, description="how long a batch waits for more requests after its first")
     queue_size: int = Field(256, ge=1, description="images waiting for inference; more -> 503 + Retry-After")
-    timeout_ms: float = Field(10_000, gt=0, description="per-request deadline in the queue and worker -> 504")
+    timeout_ms: float = Field(10_000, gt=0, description="per-request deadline from its first byte: body (-> 408), "
+                              "decode, queue and inference (-> 504)")
     workers_decode: int = Field(default_factory=lambda: usable_cpus(), ge=1,
                                 description="threads that decode images (default: the CPUs this process may use)")
     instances: int | None = Field(None, ge=1, description="model instances, one inference worker thread each "
