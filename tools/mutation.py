@@ -154,8 +154,9 @@ def definitions(tree: ast.AST, prefix: str = ""):
             yield from definitions(node, name + ".")
         elif not prefix and isinstance(node, (ast.Assign, ast.AnnAssign)):
             for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
-                if isinstance(t, ast.Name):
-                    yield t.id, node
+                for name in t.elts if isinstance(t, ast.Tuple) else [t]:  # _RTOL, _ATOL = ...
+                    if isinstance(name, ast.Name):
+                        yield name.id, node
 
 
 def enclosing(source: str, line: int) -> str:
