@@ -77,3 +77,17 @@ def test_recorded_numbers_compare_with_float_noise_allowed_and_exact_counts():
                                   "p.top1_agreement: manifest says 1, re-run gives 0.99",
                                   "p.mean_abs: missing from the manifest (re-run gives 3)"]
     assert not result.ok
+
+
+def test_counts_compare_exactly_to_a_billionth_and_every_key_is_checked():
+    result = VerifyResult()
+    keys = ("top1_fp32", "top1_int8", "drop_points")
+    _compare_numbers("h", {"top1_fp32": 1e-9, "top1_int8": 1.5e-9, "drop_points": 0.5},
+                     {"top1_fp32": 0.0, "top1_int8": 0.0, "drop_points": 0.6}, keys, result)
+    # 1e-9 apart is the same; 1.5e-9 is not; drop_points is exact too (0.5 vs 0.6 would pass a relative check)
+    assert result.differences == ["h.top1_int8: manifest says 1.5e-09, re-run gives 0",
+                                  "h.drop_points: manifest says 0.5, re-run gives 0.6"]
+    result = VerifyResult()
+    _compare_numbers("p", {"max_abs": 1.0}, {"mean_abs": 2.0, "max_abs": 9.0}, ("mean_abs", "max_abs"), result)
+    assert result.differences == ["p.mean_abs: missing from the manifest (re-run gives 2)",
+                                  "p.max_abs: manifest says 1, re-run gives 9"]  # a missing key stops nothing

@@ -16,6 +16,7 @@ import filecmp
 import json
 import os
 import re
+import shlex
 import shutil
 import sqlite3
 import subprocess
@@ -75,10 +76,12 @@ KILLED, SURVIVED, TIMEOUT, SUSPICIOUS, SKIPPED, UNTESTED = ("ok_killed", "bad_su
 
 
 def runner(target: Target) -> str:
-    parts = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly"]
+    """The test command for one mutant. mutmut 2 counts only exit status 1 as a kill; a mutant that breaks the
+    module's import makes pytest exit 2 (collection error), which is a kill too: any failure becomes 1."""
+    parts = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
     if not target.torch:
         parts.append("--noconftest")
-    return " ".join(parts + [f"'{t}'" if " " in t else t for t in target.tests])
+    return "sh -c " + shlex.quote(" ".join(shlex.quote(p) for p in (*parts, *target.tests)) + " || exit 1")
 
 
 # --- the scratch copy ---------------------------------------------------------------------------------------------
@@ -348,7 +351,7 @@ Overall: **{overall:.1f}%** of {total_scored} mutants killed.
     tmp = DOC.with_suffix(".md.tmp")
     tmp.write_text(text)
     tmp.replace(DOC)
-    print(f"mutation: {overall:.1f}% of {total_scored} mutants killed; wrote {DOC.relative_to(ROOT)}")
+    print(f"mutation: {overall:.1f}% of {total_scored} mutants killed; wrote {DOC}")
     return overall
 
 
