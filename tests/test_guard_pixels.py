@@ -172,3 +172,16 @@ def test_binary_tensor_sizes_that_do_not_fit_are_400(probe):
         r = infer(probe, tensor, data)
         assert r.status_code == 400 and r.json()["code"] == "invalid_tensor", (why, r.text)
         assert str(sent.size) in r.json()["error"], why
+
+
+def test_standard_statistics_are_the_published_ones():
+    """ImageNet's and CIFAR's per-channel statistics, as published (torchvision's and the CIFAR papers' numbers):
+    a wrong digit here shifts every normalised input of every model trained with it."""
+    from ganet.preprocess import CIFAR_MEAN, CIFAR_STD, IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+
+    assert IMAGENET_MEAN == (0.485, 0.456, 0.406) and IMAGENET_STD == (0.229, 0.224, 0.225)
+    assert CIFAR_MEAN == (0.5071, 0.4865, 0.4409) and CIFAR_STD == (0.2673, 0.2564, 0.2762)  # CIFAR-100 train
+    assert Preprocessing.for_input_size(224) == Preprocessing(224, 256, IMAGENET_MEAN, IMAGENET_STD)
+    assert Preprocessing.for_input_size(160).resize_size == 183  # 160 * 256 / 224, rounded
+    assert Preprocessing.for_input_size(32) == Preprocessing(32, 32, CIFAR_MEAN, CIFAR_STD)
+    assert Preprocessing.for_input_size(33).mean == IMAGENET_MEAN
