@@ -44,7 +44,9 @@ class ServeSettings(BaseSettings):
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime / torch threads per instance (0: half "
                                 "the CPU count, at least 1; the rest decode and serve HTTP)")
     device: str | None = Field(None, description="torch backend: cuda or cpu (default: cuda if available)")
-    api_key: SecretStr | None = Field(None, description="if set, inference routes need Authorization: Bearer KEY")
+    # min_length: an empty key (GANET_API_KEY= left blank) would let a bare "Authorization: Bearer" in.
+    api_key: SecretStr | None = Field(None, min_length=1, description="if set, inference routes need "
+                                      "Authorization: Bearer KEY")
     cors_origins: str = Field("", description="comma-separated allowed origins; empty: no CORS headers")
     grace_s: float = Field(10.0, ge=0, description="SIGTERM: seconds to finish in-flight requests")
     max_body_bytes: int = Field(20 * 2**20, ge=1, description="larger request bodies -> 413")
