@@ -142,7 +142,7 @@ def images_run(client: httpx.Client) -> float:
 
 
 def assert_refused(response: httpx.Response | tuple[int, dict[str, str], dict], why: str) -> None:
-    if isinstance(response, httpx.Response):
+    if not isinstance(response, tuple):  # an httpx (or TestClient's httpx2) response
         response = (response.status_code, response.headers, response.json())
     status, headers, body = response
     assert status == 401, (why, status, body)

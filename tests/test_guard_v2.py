@@ -129,7 +129,7 @@ def test_bytes_inputs_json_and_binary(client):
     ({"name": "image", "shape": SHAPE, "datatype": "UINT8", "data": [0] * (COUNT - 1)},
      (f"needs {COUNT} values, got {COUNT - 1}",)),
     ({"name": "image", "shape": SHAPE, "datatype": "UINT8"}, (f"needs {COUNT} values, got 0",)),
-    ({"name": "image", "shape": SHAPE, "datatype": "UINT8", "data": ["a"] * COUNT}, ("not numeric",)),
+    ({"name": "image", "shape": SHAPE, "datatype": "UINT8", "data": ["a"] * COUNT}, ("not a flat list of numbers",)),
     ({"name": "image", "shape": SHAPE, "datatype": "INT32", "data": [0] * COUNT}, ("'INT32' is not accepted",)),
     ({"name": "image", "shape": [1, 2], "datatype": "BYTES", "data": ["aGk="]}, ("[B] or [B, 1]", "[1, 2]")),
     ({"name": "image", "shape": [0], "datatype": "BYTES", "data": []}, ("[B] or [B, 1]",)),
@@ -156,7 +156,7 @@ def test_malformed_requests_are_400_or_413(client):
     for size in (-1, COUNT + 1, "12"):
         r = binary_request(client, {"inputs": [uint8(None, parameters={"binary_data_size": size}) | {"data": None}]},
                            bytes(COUNT))
-        assert_400(r, "invalid_tensor", f"binary_data_size {size!r} does not fit the {COUNT} binary bytes")
+        assert_400(r, "invalid_tensor", f"binary_data_size {str(size)!r} does not fit the {COUNT} binary bytes")
     r = client.post(URL, json={"inputs": [{"name": "image", "shape": [4, 3, SIZE, SIZE], "datatype": "UINT8",
                                            "data": [0] * 4 * COUNT}]})
     assert r.status_code == 413 and r.json()["code"] == "too_many_files" and "4 images exceed the limit of 3" in r.text
