@@ -42,6 +42,7 @@ class ServeState:
     batcher: DynamicBatcher | None = None
     decode_pool: ThreadPoolExecutor | None = None
     ready: bool = False
+    draining: bool = False  # a stop signal arrived: /v2/health/ready answers 503 while requests are still served
 
     async def decode(self, data: bytes) -> tuple[np.ndarray, float]:
         """(3, S, S) uint8 and the seconds it took, decoded in the pool (never on the event loop)."""
@@ -179,7 +180,7 @@ def load_backends(s: ServeSettings) -> tuple[list[Backend], ModelSpec]:
     def load() -> tuple[Backend, ModelSpec]:
         return load_backend(s.model, s.backend, intra_op_threads=s.intra_op_threads, device=s.device,
                             max_batch=s.max_batch, name=s.model_name, precision=s.precision,
-                            fused_kernels=s.fused_kernels)
+                            fused_kernels=s.fused_kernels, engine_cache=s.engine_cache)
 
     first, spec = load()
     on_cpu = first.name == "onnxruntime" and first.device == "CPUExecutionProvider"

@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from ganet.serve.app import create_app, load_backends
+    from ganet.serve.drain import DrainingServer
     from ganet.serve.logs import configure_logging
 
     configure_logging(settings.log_level)
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(settings, backends=backends, spec=spec)  # the lifespan warms up, then turns ready
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=settings.grace_s, lifespan="on")
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app.state.serve, settings.drain_delay_s)
     server.run()
     return 0 if server.started else 2
 
