@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 KSERVE = ROOT / "deploy" / "kserve"
 KUBERNETES_VERSION = "1.33.0"
-KSERVE_PYTHON = Path(os.environ.get("GANET_KSERVE_PYTHON", "/var/tmp/ganet-kserve-0.21.0/bin/python"))
+_PIN = (KSERVE / "requirements.txt").read_text().strip().replace("==", "-")  # where .ci/run puts the KServe venv
+KSERVE_PYTHON = Path(os.environ.get("GANET_KSERVE_PYTHON", f"/var/tmp/ganet-{_PIN}/bin/python"))
 
 
 def _docs(path: Path) -> list[dict]:
