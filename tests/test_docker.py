@@ -396,6 +396,9 @@ def test_image_builds_and_serves(tmp_path_factory):
                            capture_output=True, text=True, timeout=900)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     build_s = time.monotonic() - start
+    size = int(subprocess.run(["podman", "image", "inspect", image, "--format", "{{.Size}}"], capture_output=True,
+                              text=True, timeout=60, check=True).stdout)
+    assert size < 400e6, f"the torch-free image is {size / 1e6:.1f} MB (target < 400 MB; 383.6 MB when measured)"
     timings = smoke_test.run_smoke_test(export, image, PODMAN_HERE.split(), RUN_ARGS_HERE.split(), grace=20)
     print(f"build {build_s:.0f} s, smoke {timings}")
     assert timings["max_score_diff"] <= 1e-4 and timings["stop_s"] < 20
