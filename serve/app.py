@@ -44,6 +44,7 @@ class ServeState:
     budget: ByteBudget | None = None
     ready: bool = False
     warmed: bool = False  # the backends were warmed up before the app was created (ganet-serve does it)
+    draining: bool = False  # a stop signal arrived: /v2/health/ready answers 503 while requests are still served
 
     async def decode(self, data: bytes, deadline: float | None = None) -> tuple[np.ndarray, float]:
         """(3, S, S) uint8 and the seconds it took, decoded in the pool (never on the event loop), inside the
@@ -146,7 +147,7 @@ def load_backends(s: ServeSettings) -> tuple[list[Backend], ModelSpec]:
     def load() -> tuple[Backend, ModelSpec]:
         return load_backend(s.model, s.backend, intra_op_threads=s.intra_op_threads, device=s.device,
                             max_batch=s.max_batch, name=s.model_name, precision=s.precision,
-                            fused_kernels=s.fused_kernels)
+                            fused_kernels=s.fused_kernels, engine_cache=s.engine_cache)
 
     once = _OncePerStart(("backend", "graph"))
     log.addFilter(once)

@@ -152,7 +152,8 @@ def _is_checkpoint(path: Path) -> bool:
     return path.is_file() and path.suffix == ".safetensors"
 
 
-def choose_backend(model: Path, requested: str, precision: str = "fp32") -> tuple[str, str]:
+def choose_backend(model: Path, requested: str, precision: str = "fp32",
+                   engine_cache: Path | None = None) -> tuple[str, str]:
     """``(backend, reason)`` for ``--backend requested`` (``auto`` resolves to the fastest usable one)."""
     if requested != "auto":
         return requested, "requested"
@@ -165,6 +166,12 @@ def choose_backend(model: Path, requested: str, precision: str = "fp32") -> tupl
     manifest = load_manifest(model)
     reasons = []
     if manifest.artifact("tensorrt") is None:
+        if engine_cache is not None:
+            from ganet.export.tensorrt import tensorrt_available
+
+            if tensorrt_available():
+                return "tensorrt", (f"no TensorRT engine in the export; the engine cache {engine_cache} has or "
+                                    "builds one")
         reasons.append("no TensorRT engine in the export")
     else:
         from ganet.export.tensorrt import tensorrt_available
@@ -185,10 +192,13 @@ def choose_backend(model: Path, requested: str, precision: str = "fp32") -> tupl
 
 def load_backend(model: str | os.PathLike, requested: str = "auto", *, intra_op_threads: int = 0,
                  device: str | None = None, max_batch: int | None = None, name: str | None = None,
-                 precision: str = "fp32", fused_kernels: bool = True) -> tuple[Backend, ModelSpec]:
-    """Load MODEL (an export directory, or a checkpoint for torch) with the requested backend and precision."""
+                 precision: str = "fp32", fused_kernels: bool = True,
+                 engine_cache: str | os.PathLike | None = None) -> tuple[Backend, ModelSpec]:
+    """Load MODEL (an export directory, or a checkpoint for torch) with the requested backend and precision.
+    ``engine_cache``: TensorRT builds (or reuses) an engine there when the export has none for this host."""
     model = Path(model)
-    backend, reason = choose_backend(model, requested, precision)
+    engine_cache = Path(engine_cache) if engine_cache is not None else None
+    backend, reason = choose_backend(model, requested, precision, engine_cache)
     if precision == "int8" and backend != "onnxruntime":
         raise BackendError(f"--precision int8 runs the export's INT8 ONNX model on ONNX Runtime, not on the "
                            f"{backend} backend: use --backend onnxruntime (or auto)")
@@ -227,8 +237,14 @@ def load_backend(model: str | os.PathLike, requested: str = "auto", *, intra_op_
     if backend == "tensorrt":
         from ganet.serve.trt_backend import TensorRTBackend
 
+        if engine_cache is not None:
+            from ganet.serve.engine_cache import engine_for_host
+
+            engine = engine_for_host(manifest, engine_cache)  # the export's own plan when it fits this host
+            return TensorRTBackend(engine.plan, engine.info), spec
         artifact = manifest.artifact("tensorrt")
         if artifact is None:
-            raise BackendError(f"{model} holds no TensorRT engine: re-export with `ganet-export --trt` on a GPU host")
+            raise BackendError(f"{model} holds no TensorRT engine: re-export with `ganet-export --trt` on a GPU host, "
+                               f"or give --engine-cache DIR to build one here")
         return TensorRTBackend(manifest.path(artifact), artifact.info), spec
     raise BackendError(f"unknown backend {backend!r}; expected auto, tensorrt, onnxruntime or torch")

@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ganet.serve.app import create_app, prepare, warm_up
     from ganet.serve.connections import ConnectionLimits, guarded_protocol
+    from ganet.serve.drain import DrainingServer
     from ganet.serve.limits import connection_cap
     from ganet.serve.logs import configure_logging, held_back
     from ganet.serve.startup import StartupError
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=settings.grace_s, lifespan="on", http=guarded_protocol(limits),
                             timeout_keep_alive=settings.keep_alive_s, backlog=2048)
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app.state.serve, settings.drain_delay_s)
     server.run(sockets=[sock])
     return 0 if server.started else 2
 

@@ -56,7 +56,7 @@ async def live() -> dict:
 @router.get("/health/ready", summary="200 once the model is loaded and warmed up, 503 before and while stopping",
             responses={503: ERROR_RESPONSES[503]})
 async def ready(state: StateDep) -> dict:
-    if not state.ready:
+    if not state.ready or state.draining:
         raise ServeError(503, "not_ready", "not ready: the model is loading, warming up or shutting down")
     return {"ready": True}
 

@@ -49,6 +49,13 @@ class ServeSettings(BaseSettings):
                                       "Authorization: Bearer KEY")
     cors_origins: str = Field("", description="comma-separated allowed origins; empty: no CORS headers")
     grace_s: float = Field(10.0, ge=0, description="SIGTERM: seconds to finish in-flight requests")
+    drain_delay_s: float = Field(0.0, ge=0, description="SIGTERM: seconds /v2/health/ready answers 503 while "
+                                 "requests are still served, before the socket closes, so that load balancers "
+                                 "polling it stop sending first (0: close at once, as under Kubernetes, whose "
+                                 "preStop hook does this)")
+    engine_cache: Path | None = Field(None, description="TensorRT: a directory (a volume) for engines built here "
+                                      "from the export's ONNX when it has no engine for this GPU and TensorRT "
+                                      "version; reused on the next start (ganet/serve/engine_cache.py)")
     max_body_bytes: int = Field(20 * 2**20, ge=1, description="larger request bodies -> 413")
     max_pixels: int = Field(50_000_000, ge=1, description="images with more pixels (read from the header) -> 413")
     max_files: int = Field(64, ge=1, description="most images in one /classify request")
