@@ -179,7 +179,7 @@ def load_backends(s: ServeSettings) -> tuple[list[Backend], ModelSpec]:
     def load() -> tuple[Backend, ModelSpec]:
         return load_backend(s.model, s.backend, intra_op_threads=s.intra_op_threads, device=s.device,
                             max_batch=s.max_batch, name=s.model_name, precision=s.precision,
-                            fused_kernels=s.fused_kernels)
+                            fused_kernels=s.fused_kernels, cuda_graphs=s.cuda_graphs)
 
     first, spec = load()
     on_cpu = first.name == "onnxruntime" and first.device == "CPUExecutionProvider"
@@ -205,8 +205,11 @@ def _start(state: ServeState, backends: list[Backend] | None, spec: ModelSpec | 
     log.info("decoder", extra={"event": "decoder", "resize": resizer()[1]})  # builds the kernel library if needed
     if s.warmup:
         start = time.perf_counter()
-        sizes = warmup_sizes(spec.max_batch)
+        # Backends that record fixed batch sizes (CUDA graphs) record every one of them, largest first, then run too.
+        sizes = sorted(set(warmup_sizes(spec.max_batch)).union(*(getattr(b, "batch_sizes", ()) for b in backends)))
         for backend in backends:
+            if hasattr(backend, "prepare"):
+                backend.prepare()
             for n in sizes:
                 backend(np.zeros((n, *spec.input_shape), np.uint8))
         log.info("warmed up", extra={"event": "warmup", "batch_sizes": sizes,

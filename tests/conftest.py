@@ -33,7 +33,7 @@ def stand_in(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # the driver version then comes from the CUDA driver API
 
     def install(version: str):
-        trt = fake_tensorrt(version)
+        trt = fake_tensorrt(version, cudart)
         monkeypatch.setitem(sys.modules, "tensorrt", trt)
         return trt, cudart
     return install
