@@ -27,7 +27,8 @@ from ganet.serve.metrics import Metrics
 from ganet.serve.settings import ServeSettings
 from ganet.system import usable_cpus
 
-__all__ = ["ServeState", "create_app", "load_backends", "warmup_sizes", "StateDep", "require_api_key"]
+__all__ = ["ServeState", "create_app", "load_backends", "make_gpu_decoder", "warmup_sizes", "StateDep",
+           "require_api_key"]
 
 log = logging.getLogger("ganet.serve")
 access_log = logging.getLogger("ganet.serve.access")
@@ -42,16 +43,25 @@ class ServeState:
     batcher: DynamicBatcher | None = None
     decode_pool: ThreadPoolExecutor | None = None
     ready: bool = False
+    gpu_decoder: Any = None  # ganet.serve.gpu_decode.GpuDecoder with --decode gpu
 
     async def decode(self, data: bytes) -> tuple[np.ndarray, float]:
-        """(3, S, S) uint8 and the seconds it took, decoded in the pool (never on the event loop)."""
+        """(3, S, S) uint8 and the seconds it took, decoded in the pool (never on the event loop), or with
+        --decode gpu by the GPU decoder where it takes the image."""
         def run() -> tuple[np.ndarray, float]:
             start = time.perf_counter()
             image = decode_image(data, self.spec.preprocessing, self.settings.max_pixels)
             return image, time.perf_counter() - start
 
-        image, seconds = await asyncio.get_running_loop().run_in_executor(self.decode_pool, run)
+        if self.gpu_decoder is not None:
+            start = time.perf_counter()
+            image, path, reason = await self.gpu_decoder.decode(data, self.decode_pool)
+            seconds = time.perf_counter() - start
+        else:
+            image, seconds = await asyncio.get_running_loop().run_in_executor(self.decode_pool, run)
+            path, reason = "cpu", "option"
         self.metrics.decode_seconds.observe(seconds)
+        self.metrics.decode_images.labels(path, reason).inc()
         return image, seconds
 
     async def infer(self, images: list[np.ndarray]) -> list[BatchResult]:
@@ -196,6 +206,27 @@ def load_backends(s: ServeSettings) -> tuple[list[Backend], ModelSpec]:
     return [first] + [load()[0] for _ in range(count - 1)], spec
 
 
+def make_gpu_decoder(s: ServeSettings, spec: ModelSpec):
+    """The --decode gpu decoder (raises RuntimeError naming what is missing: torchvision, CUDA, ...)."""
+    try:
+        from ganet.serve.gpu_decode import GpuDecoder
+        from ganet.serve.gpu_resize import ResizeMismatchError
+
+        import torch
+    except ImportError as e:
+        raise RuntimeError(f"--decode gpu needs torch and torchvision ({e})") from None
+    device = s.device or "cuda"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--decode gpu needs a CUDA GPU, and torch sees none (use --decode cpu)")
+    try:
+        decoder = GpuDecoder(spec.preprocessing, s.max_pixels, device=device)
+    except ResizeMismatchError as e:
+        raise RuntimeError(str(e)) from None
+    log.info("GPU decoder", extra={"event": "decoder", "decode": "gpu", "device": device,
+                                   "resize_pass_order": decoder.resize.order if decoder.resize else None})
+    return decoder
+
+
 def _start(state: ServeState, backends: list[Backend] | None, spec: ModelSpec | None) -> None:
     """Load (unless given) the backend instances, warm them up at every batch size, start the batcher."""
     s = state.settings
@@ -203,6 +234,8 @@ def _start(state: ServeState, backends: list[Backend] | None, spec: ModelSpec | 
         backends, spec = load_backends(s)
     state.backends, state.spec = backends, spec
     log.info("decoder", extra={"event": "decoder", "resize": resizer()[1]})  # builds the kernel library if needed
+    if s.decode == "gpu" and state.gpu_decoder is None:
+        state.gpu_decoder = make_gpu_decoder(s, spec)
     if s.warmup:
         start = time.perf_counter()
         # Backends that record fixed batch sizes (CUDA graphs) record every one of them, largest first, then run too.
@@ -223,13 +256,14 @@ def _start(state: ServeState, backends: list[Backend] | None, spec: ModelSpec | 
 
 
 def create_app(settings: ServeSettings, *, backends: list[Backend] | None = None,
-               spec: ModelSpec | None = None) -> FastAPI:
-    """The service. ``backends`` + ``spec`` inject already-built backends (tests); otherwise settings.model loads."""
+               spec: ModelSpec | None = None, gpu_decoder: Any = None) -> FastAPI:
+    """The service. ``backends`` + ``spec`` inject already-built backends (tests); otherwise settings.model loads.
+    ``gpu_decoder``: a ``GpuDecoder`` (--decode gpu; made by ``make_gpu_decoder`` when not given)."""
     from ganet.serve.routes_classify import router as classify_router
     from ganet.serve.routes_ops import router as ops_router
     from ganet.serve.routes_v2 import router as v2_router
 
-    state = ServeState(settings, Metrics())
+    state = ServeState(settings, Metrics(), gpu_decoder=gpu_decoder)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -245,6 +279,8 @@ def create_app(settings: ServeSettings, *, backends: list[Backend] | None = None
             state.ready = False
             state.batcher.close(settings.grace_s)
             state.decode_pool.shutdown(wait=False, cancel_futures=True)
+            if state.gpu_decoder is not None:
+                state.gpu_decoder.close()
             for backend in state.backends:
                 backend.close()
             log.info("stopped", extra={"event": "shutdown"})

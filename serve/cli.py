@@ -80,16 +80,18 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from ganet.serve.app import create_app, load_backends
+    from ganet.serve.app import create_app, load_backends, make_gpu_decoder
     from ganet.serve.logs import configure_logging
 
     configure_logging(settings.log_level)
     try:  # load before binding the port, so that a model that cannot be served is a clean exit 2
         backends, spec = load_backends(settings)
+        decoder = make_gpu_decoder(settings, spec) if settings.decode == "gpu" else None
     except (ValueError, RuntimeError, OSError) as e:  # manifest, checkpoint, backend, engine-mismatch errors
         print(f"ganet-serve: error: {e}", file=sys.stderr)
         return 2
-    app = create_app(settings, backends=backends, spec=spec)  # the lifespan warms up, then turns ready
+    # the lifespan warms up, then turns ready
+    app = create_app(settings, backends=backends, spec=spec, gpu_decoder=decoder)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=settings.grace_s, lifespan="on")
     server = uvicorn.Server(config)

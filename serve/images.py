@@ -26,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from ganet.preprocess import Preprocessing, image_to_uint8
 from ganet.serve.errors import ServeError
 
-__all__ = ["FORMATS", "decode_image", "open_image", "jpeg_draft_scale", "resizer", "DRAFT_MARGIN",
+__all__ = ["FORMATS", "decode_image", "open_image", "read_header", "jpeg_draft_scale", "resizer", "DRAFT_MARGIN",
            "DRAFT_MIN_PIXELS"]
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")  # MPO: multi-picture JPEG from phone cameras
@@ -61,6 +61,20 @@ def jpeg_draft_scale(size: tuple[int, int], prep: Preprocessing, margin: float =
 def open_image(data: bytes, prep: Preprocessing, max_pixels: int, *, jpeg_draft: bool = True) -> Image.Image:
     """The checked, decoded PIL image (at the DCT scale ``jpeg_draft_scale`` allows, unless ``jpeg_draft`` is
     False), before ``image_to_uint8``. Raises ServeError 400/413/415 naming the problem."""
+    img = read_header(data, max_pixels)
+    width, height = img.size
+    try:
+        if jpeg_draft and img.format in ("JPEG", "MPO") and (scale := jpeg_draft_scale(img.size, prep)) > 1:
+            img.draft(img.mode, (width // scale, height // scale))  # same mode; libjpeg decodes at 1/scale
+        img.load()  # GIF / TIFF: the first frame
+    except Exception as e:  # truncated or corrupt stream: bad input, never a 500
+        raise _corrupt(img.format, e) from None
+    return img
+
+
+def read_header(data: bytes, max_pixels: int) -> Image.Image:
+    """The PIL image with only its header read (format, size, mode, EXIF), every limit checked: no pixel decoded
+    yet. Raises ServeError 400/413/415 naming the problem. (The GPU decoder routes images by this too.)"""
     if not data:
         raise ServeError(400, "empty_body", f"the image is empty (0 bytes); {_EXPECTED}")
     try:
@@ -78,12 +92,6 @@ def open_image(data: bytes, prep: Preprocessing, max_pixels: int, *, jpeg_draft:
     if width * height > max_pixels:
         raise ServeError(413, "image_too_large", f"{img.format} image of {width}x{height} = {width * height} "
                                                  f"pixels exceeds the limit of {max_pixels} pixels")
-    try:
-        if jpeg_draft and img.format in ("JPEG", "MPO") and (scale := jpeg_draft_scale(img.size, prep)) > 1:
-            img.draft(img.mode, (width // scale, height // scale))  # same mode; libjpeg decodes at 1/scale
-        img.load()  # GIF / TIFF: the first frame
-    except Exception as e:  # truncated or corrupt stream: bad input, never a 500
-        raise _corrupt(img.format, e) from None
     return img
 
 

@@ -116,11 +116,11 @@ def test_bucketed_eager_forward_equals_the_unpadded_forward(cifar_model):
     capture = eager_capture(forward)
     runner = BucketedRunner(lambda n: calls.append(n) or capture(n), bucket_sizes(8), images.shape[1:])
     batch = np.concatenate([images, images[::-1]])  # 10 images, the photos twice
-    for b in (1, 2, 3, 5, 7, 8):
+    for b in (1, 3, 8):
         expected = forward(torch.from_numpy(batch[:b])).numpy()
         got = runner(batch[:b])
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
-    assert sorted(calls) == [1, 2, 4, 8]
+    assert sorted(calls) == [1, 4, 8]
     assert np.abs(expected).max() > 1 and len(set(expected.argmax(1))) > 1  # answers that depend on the image
 
 
