@@ -64,7 +64,7 @@ class BucketedRunner:
             raise ValueError(f"bucket sizes must be positive integers, got {sizes!r}")
         self.sizes = tuple(sorted(set(int(s) for s in sizes)))
         self.sample_shape, self.dtype = tuple(sample_shape), np.dtype(dtype)
-        self._capture = capture
+        self.capture = capture
         self.replays: dict[int, Replay] = {}  # size -> its replay, in the order they were captured
         self._host = (host_buffer or (lambda shape, dt: np.zeros(shape, dt)))((self.max_batch, *self.sample_shape),
                                                                              self.dtype)
@@ -84,7 +84,7 @@ class BucketedRunner:
     def replay(self, n: int) -> Replay:
         """The replay for bucket ``n``, captured now if it has not been."""
         if n not in self.replays:
-            self.replays[n] = self._capture(n)
+            self.replays[n] = self.capture(n)
         return self.replays[n]
 
     def capture_all(self) -> None:

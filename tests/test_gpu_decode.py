@@ -5,8 +5,6 @@ here. On a GPU (gpu marker) nvJPEG decodes, and the agreement is measured and he
 from __future__ import annotations
 
 import io
-import json
-import os
 import re
 
 import numpy as np
@@ -182,14 +180,3 @@ def test_service_with_the_gpu_decoder_answers_as_the_cpu_path_and_counts_paths(e
     counts = {m[0]: float(m[1]) for m in re.findall(r'^ganet_decode_images_total\{(.*)\} (\S+)$', metrics, re.M)}
     # the truncated JPEG failed on both paths: an error, not a decoded image
     assert counts == {'path="gpu",reason="jpeg"': 5, 'path="cpu",reason="format"': 1}
-
-
-@pytest.fixture
-def record_gpu_figure():
-    """Figures for benchmarks/gpu_checks.sh's results folder: appended to $GANET_GPU_FIGURES (JSON lines) if set."""
-    def record(name: str, figures: dict) -> None:
-        path = os.environ.get("GANET_GPU_FIGURES")
-        if path:
-            with open(path, "a") as f:
-                f.write(json.dumps({"name": name, **figures}) + "\n")
-    return record
