@@ -49,7 +49,7 @@ def _band(in_size: int, in0: float, in1: float, out_size: int, interpolation: st
 def _device_band(in_size: int, in0: float, in1: float, out_size: int, interpolation: str,
                  device: str) -> tuple[int, int, torch.Tensor]:
     first, last, dense = _band(in_size, in0, in1, out_size, interpolation)
-    return first, last, torch.from_numpy(dense).to(device)
+    return first, last, torch.from_numpy(np.array(dense)).to(device)  # (a writable copy: torch wants one)
 
 
 def _round8(sums: torch.Tensor) -> torch.Tensor:
