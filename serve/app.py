@@ -222,6 +222,7 @@ def make_gpu_decoder(s: ServeSettings, spec: ModelSpec):
         decoder = GpuDecoder(spec.preprocessing, s.max_pixels, device=device)
     except ResizeMismatchError as e:
         raise RuntimeError(str(e)) from None
+    decoder.warm_up()
     log.info("GPU decoder", extra={"event": "decoder", "decode": "gpu", "device": device,
                                    "resize_pass_order": decoder.resize.order if decoder.resize else None})
     return decoder

@@ -180,6 +180,18 @@ class GpuDecoder:
                 return [None]
         return [self._nvjpeg([d])[0] for d in datas]
 
+    def warm_up(self) -> None:
+        """One small JPEG through the device path (nvJPEG's handles, the first kernels), before serving."""
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 48), (90, 140, 200)).save(buf, "JPEG")
+        if self.decode_batch([buf.getvalue()], [self.route(buf.getvalue())]) == [None]:
+            log.warning("the GPU decoder refused its warm-up JPEG: JPEGs will take the CPU path",
+                        extra={"event": "decode_fallback"})
+
     def _fall_back(self, why: str) -> None:
         log.info("JPEG decoded on the CPU: %s", why, extra={"event": "decode_fallback", "reason": why})
 

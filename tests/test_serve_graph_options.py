@@ -5,6 +5,7 @@ warm-up that records every bucket before the service turns ready.
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 from fastapi.testclient import TestClient
 
@@ -97,3 +98,15 @@ def test_warmup_records_every_bucket_before_ready(export_dir):
     assert backend.events[0] == "prepare"
     assert set(bucket_sizes(48)) <= set(backend.events[1:])  # 24 and 48 too, which warmup_sizes() alone skips
     assert backend.events[1:] == sorted(backend.events[1:])
+
+
+def test_decode_gpu_without_a_gpu_is_a_clean_exit_2(export_dir, capsys):
+    """Before the port is bound, one line, exit 2 (what this machine shows; a GPU host would start serving)."""
+    from ganet.serve.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this checks the refusal on a host without CUDA")
+    checkpoint = export_dir.parent / "cifar.safetensors"
+    assert main([str(checkpoint), "--backend", "torch", "--decode", "gpu", "--port", "0"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # (after the structured log lines of the backend's loading)
+    assert last == "ganet-serve: error: --decode gpu needs a CUDA GPU, and torch sees none (use --decode cpu)"
