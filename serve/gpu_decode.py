@@ -188,7 +188,7 @@ class GpuDecoder:
 
         buf = io.BytesIO()
         Image.new("RGB", (64, 48), (90, 140, 200)).save(buf, "JPEG")
-        if self.decode_batch([buf.getvalue()], [self.route(buf.getvalue())]) == [None]:
+        if self.decode_batch([buf.getvalue()], [self.route(buf.getvalue())])[0] is None:
             log.warning("the GPU decoder refused its warm-up JPEG: JPEGs will take the CPU path",
                         extra={"event": "decode_fallback"})
 

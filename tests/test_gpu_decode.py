@@ -132,6 +132,8 @@ def test_top1_agreement_with_pillow_decoding(device, export_dir, record_gpu_figu
 def test_routing_limits_and_errors_match_the_cpu_path():
     decoder = GpuDecoder(P32, max_pixels=1_000_000, device="cpu")
     try:
+        decoder.warm_up()  # what make_gpu_decoder does before serving: one small JPEG through the device path
+        assert decoder.batches == [1]
         china = photos()["china"]
         assert decoder.route(jpeg(china)).path == "gpu"
         assert (decoder.route(encode(china, "PNG")).path, decoder.route(encode(china, "PNG")).reason) == ("cpu",
