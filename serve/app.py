@@ -26,8 +26,8 @@ from ganet.serve.middleware import ServeMiddleware
 from ganet.serve.settings import ServeSettings
 from ganet.system import usable_cpus
 
-__all__ = ["ServeState", "create_app", "default_top_k", "load_backends", "prepare", "warm_up", "warmup_sizes", "StateDep",
-           "require_api_key", "deadline_of"]
+__all__ = ["ServeState", "create_app", "default_top_k", "load_backends", "make_gpu_decoder", "prepare", "warm_up",
+           "warmup_sizes", "StateDep", "require_api_key", "deadline_of"]
 
 log = logging.getLogger("ganet.serve")
 
@@ -45,6 +45,7 @@ class ServeState:
     ready: bool = False
     warmed: bool = False  # the backends were warmed up before the app was created (ganet-serve does it)
     draining: bool = False  # a stop signal arrived: /v2/health/ready answers 503 while requests are still served
+    gpu_decoder: Any = None  # ganet.serve.gpu_decode.GpuDecoder with --decode gpu
 
     async def decode(self, data: bytes, deadline: float | None = None) -> tuple[np.ndarray, float]:
         """(3, S, S) uint8 and the seconds it took, decoded in the pool (never on the event loop), inside the
@@ -147,7 +148,7 @@ def load_backends(s: ServeSettings) -> tuple[list[Backend], ModelSpec]:
     def load() -> tuple[Backend, ModelSpec]:
         return load_backend(s.model, s.backend, intra_op_threads=s.intra_op_threads, device=s.device,
                             max_batch=s.max_batch, name=s.model_name, precision=s.precision,
-                            fused_kernels=s.fused_kernels, engine_cache=s.engine_cache)
+                            fused_kernels=s.fused_kernels, engine_cache=s.engine_cache, cuda_graphs=s.cuda_graphs)
 
     once = _OncePerStart(("backend", "graph"))
     log.addFilter(once)
@@ -199,12 +200,37 @@ def prepare(s: ServeSettings) -> tuple[list[Backend], ModelSpec]:
 def warm_up(backends: list[Backend], spec: ModelSpec) -> None:
     """Every batch size the batcher can form, through every instance, before turning ready."""
     start = time.perf_counter()
-    sizes = warmup_sizes(spec.max_batch)
+    # Backends that record fixed batch sizes (CUDA graphs) record every one of them, largest first, then run too.
+    sizes = sorted(set(warmup_sizes(spec.max_batch)).union(*(getattr(b, "batch_sizes", ()) for b in backends)))
     for backend in backends:
+        if hasattr(backend, "prepare"):
+            backend.prepare()
         for n in sizes:
             backend(np.zeros((n, *spec.input_shape), np.uint8))
     log.info("warmed up", extra={"event": "warmup", "batch_sizes": sizes,
                                  "seconds": round(time.perf_counter() - start, 3)})
+
+
+def make_gpu_decoder(s: ServeSettings, spec: ModelSpec):
+    """The --decode gpu decoder (raises RuntimeError naming what is missing: torchvision, CUDA, ...)."""
+    try:
+        from ganet.serve.gpu_decode import GpuDecoder
+        from ganet.serve.gpu_resize import ResizeMismatchError
+
+        import torch
+    except ImportError as e:
+        raise RuntimeError(f"--decode gpu needs torch and torchvision ({e})") from None
+    device = s.device or "cuda"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--decode gpu needs a CUDA GPU, and torch sees none (use --decode cpu)")
+    try:
+        decoder = GpuDecoder(spec.preprocessing, s.max_pixels, device=device)
+    except ResizeMismatchError as e:
+        raise RuntimeError(str(e)) from None
+    decoder.warm_up()
+    log.info("GPU decoder", extra={"event": "decoder", "decode": "gpu", "device": device,
+                                   "resize_pass_order": decoder.resize.order if decoder.resize else None})
+    return decoder
 
 
 def _start(state: ServeState, backends: list[Backend] | None, spec: ModelSpec | None) -> None:
@@ -217,6 +243,8 @@ def _start(state: ServeState, backends: list[Backend] | None, spec: ModelSpec | 
                                "max_decode_bytes": s.max_decode_bytes})  # builds the kernel library if needed
     if s.warmup and not state.warmed:
         warm_up(backends, spec)
+    if s.decode == "gpu" and state.gpu_decoder is None:
+        state.gpu_decoder = make_gpu_decoder(s, spec)
     for backend in backends:
         if hasattr(backend, "gpu_memory_bytes"):
             state.metrics.track_gpu(backend.gpu_memory_bytes)
@@ -224,18 +252,21 @@ def _start(state: ServeState, backends: list[Backend] | None, spec: ModelSpec | 
     state.batcher = DynamicBatcher(backends, spec.max_batch, s.max_delay_us, s.queue_size, state.metrics.on_batch)
     state.metrics.track_queue(lambda: state.batcher.depth)
     state.decoder = Decoder(state.decode_pool, s.workers_decode, state.budget, spec.preprocessing, s.max_pixels,
-                            s.timeout_ms)
+                            s.timeout_ms, gpu=state.gpu_decoder,
+                            on_path=lambda path, reason: state.metrics.decode_images.labels(path, reason).inc())
 
 
 def create_app(settings: ServeSettings, *, backends: list[Backend] | None = None,
-               spec: ModelSpec | None = None, warmed: bool = False) -> FastAPI:
+               spec: ModelSpec | None = None, warmed: bool = False, gpu_decoder: Any = None) -> FastAPI:
     """The service. ``backends`` + ``spec`` inject already-prepared backends (``prepare``; ``warmed``: and warmed
-    up, as ganet-serve does before it binds); otherwise the lifespan prepares settings.model."""
+    up, as ganet-serve does before it binds); otherwise the lifespan prepares settings.model. ``gpu_decoder``: a
+    ``GpuDecoder`` (--decode gpu; made by ``make_gpu_decoder`` when not given)."""
     from ganet.serve.routes_classify import router as classify_router
     from ganet.serve.routes_ops import router as ops_router
     from ganet.serve.routes_v2 import router as v2_router
 
-    state = ServeState(settings, Metrics(), warmed=warmed, budget=ByteBudget(settings.max_decode_bytes))
+    state = ServeState(settings, Metrics(), warmed=warmed, budget=ByteBudget(settings.max_decode_bytes),
+                       gpu_decoder=gpu_decoder)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -251,6 +282,8 @@ def create_app(settings: ServeSettings, *, backends: list[Backend] | None = None
             state.ready = False
             state.batcher.close(settings.grace_s)
             state.decode_pool.shutdown(wait=False, cancel_futures=True)
+            if state.gpu_decoder is not None:
+                state.gpu_decoder.close()
             for backend in state.backends:
                 backend.close()
             log.info("stopped", extra={"event": "shutdown"})

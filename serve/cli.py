@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from ganet.serve.app import create_app, prepare, warm_up
+    from ganet.serve.app import create_app, make_gpu_decoder, prepare, warm_up
     from ganet.serve.connections import ConnectionLimits, guarded_protocol
     from ganet.serve.drain import DrainingServer
     from ganet.serve.limits import connection_cap
@@ -109,13 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     try:  # every check that can refuse the model, then the warm-up, before the socket listens
         with held_back(handler):
             backends, spec = prepare(settings)
+            decoder = make_gpu_decoder(settings, spec) if settings.decode == "gpu" else None
             if settings.warmup:
                 warm_up(backends, spec)
-    except StartupError as e:
+    except (StartupError, RuntimeError) as e:  # RuntimeError: --decode gpu on a host that cannot (says why)
         sock.close()
         print(f"ganet-serve: error: {e}", file=sys.stderr)
         return 2
-    app = create_app(settings, backends=backends, spec=spec, warmed=True)  # the lifespan starts the batcher
+    # the lifespan starts the batcher
+    app = create_app(settings, backends=backends, spec=spec, warmed=True, gpu_decoder=decoder)
     metrics = app.state.serve.metrics
     cap, why = connection_cap(settings.max_connections)
     limits = ConnectionLimits(settings.header_timeout_s, settings.keep_alive_s, cap, metrics.connections.set,

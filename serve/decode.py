@@ -3,7 +3,9 @@
 Each image goes through two steps on a decode thread: the header (format, size, mode: the limits and the budget
 estimate, ``ganet.serve.budget``), then, once its bytes are reserved in the budget (on the event loop, never
 holding a thread), the pixels. Between and before the steps the request's deadline is checked, so an image whose
-request has already been answered 504, or whose client left, is never decoded. One request runs at most
+request has already been answered 504, or whose client left, is never decoded. With ``--decode gpu`` a JPEG the
+GPU decoder takes (``ganet.serve.gpu_decode``) is decoded there after the same header checks; every other image,
+and every JPEG nvJPEG refuses, takes the CPU path below. One request runs at most
 ``per_request`` images at once (half the threads), so a multipart of sixteen expensive images leaves the other
 threads to the requests that arrive beside it. The budget is released when the thread really finishes, even if
 the request stopped waiting for it, so the memory bound holds.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -72,9 +75,13 @@ class Decoder:
     """``await decoder.decode_all(datas, deadline)`` -> [((3, S, S) uint8, seconds), ...] in request order."""
 
     def __init__(self, pool: concurrent.futures.ThreadPoolExecutor, threads: int, budget: ByteBudget,
-                 prep: Preprocessing, max_pixels: int, timeout_ms: float) -> None:
+                 prep: Preprocessing, max_pixels: int, timeout_ms: float, *, gpu=None,
+                 on_path: Callable[[str, str], None] | None = None) -> None:
+        """``gpu``: a ``GpuDecoder`` (--decode gpu) or None; ``on_path(path, reason)`` is told which path each
+        decoded image took (the /metrics counter)."""
         self.pool, self.budget, self.prep = pool, budget, prep
         self.max_pixels, self.timeout_ms = max_pixels, timeout_ms
+        self.gpu, self.on_path = gpu, on_path or (lambda path, reason: None)
         self.per_request = max(1, threads // 2)
         self._since_trim = 0  # bytes decoded since the last malloc_trim
 
@@ -107,30 +114,52 @@ class Decoder:
                 del img
                 release_freed_memory()
 
-    async def decode_one(self, data: bytes, deadline: float, what: str = "the image") -> tuple[np.ndarray, float]:
+    def _route(self, data: bytes, deadline: float):
+        """On a decode thread: the GPU decoder's header checks and choice of path."""
+        if time.monotonic() >= deadline:
+            raise deadline_error(self.timeout_ms, "before the image was decoded")
+        return self.gpu.route(data)
+
+    async def decode_one(self, data: bytes, deadline: float, what: str = "the image",
+                         gate: asyncio.Semaphore | None = None) -> tuple[np.ndarray, float]:
+        """One image. ``gate`` bounds the decode threads this request holds; the GPU step holds none."""
         loop = asyncio.get_running_loop()
-        done, waiting = await loop.run_in_executor(self.pool, self._probe, data, deadline, what)
-        if done is not None:
-            return done
-        img, draft, estimate = waiting
-        return await run_budgeted(self.pool, self.budget, estimate, deadline, what, self._decode, img, draft,
-                                  estimate, deadline)
+        gate = gate if gate is not None else contextlib.nullcontext()
+        reason = "option"
+        if self.gpu is not None:
+            start = time.perf_counter()
+            async with gate:
+                route = await loop.run_in_executor(self.pool, self._route, data, deadline)
+            reason = route.reason
+            if route.path == "gpu":
+                image = await self.gpu.submit(data, route)  # None: nvJPEG refused it, the CPU path decides
+                if image is not None:
+                    self.on_path("gpu", reason)
+                    return image, time.perf_counter() - start
+                reason = "nvjpeg"
+        async with gate:
+            done, waiting = await loop.run_in_executor(self.pool, self._probe, data, deadline, what)
+            if done is None:
+                img, draft, estimate = waiting
+                done = await run_budgeted(self.pool, self.budget, estimate, deadline, what, self._decode, img,
+                                          draft, estimate, deadline)
+        self.on_path("cpu", reason)
+        return done
 
     async def decode_all(self, datas: Sequence[bytes], deadline: float,
                          names: Sequence[str | None] | None = None) -> list[tuple[np.ndarray, float]]:
-        """Every image, at most ``per_request`` at a time; the first failure cancels the rest. With several images
+        """Every image, at most ``per_request`` on decode threads at a time; the first failure cancels the rest. With several images
         an error names the one it is about."""
         gate = asyncio.Semaphore(self.per_request)
 
         async def one(i: int, data: bytes) -> tuple[np.ndarray, float]:
             what = "the image" if len(datas) == 1 else f"image {i + 1}"
-            async with gate:
-                try:
-                    return await self.decode_one(data, deadline, what)
-                except ServeError as e:
-                    if len(datas) > 1 and e.status != 504:
-                        name = names[i] if names else None
-                        e.message = f"file {i + 1}" + (f" ({name})" if name else "") + f": {e.message}"
-                    raise
+            try:
+                return await self.decode_one(data, deadline, what, gate)
+            except ServeError as e:
+                if len(datas) > 1 and e.status != 504:
+                    name = names[i] if names else None
+                    e.message = f"file {i + 1}" + (f" ({name})" if name else "") + f": {e.message}"
+                raise
 
         return await first_error_cancels([one(i, d) for i, d in enumerate(datas)])

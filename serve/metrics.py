@@ -31,6 +31,9 @@ class Metrics:
         self.connections_closed = Counter("ganet_connections_closed", "connections the server closed or refused "
                                           "by policy: header_timeout, evicted_idle, connection_cap", ["reason"],
                                           registry=r)
+        self.decode_images = Counter("ganet_decode_images", "images decoded, by path (cpu, gpu) and why that path "
+                                     "(--decode gpu: jpeg on the GPU; format, mode, filter, nvjpeg on the CPU)",
+                                     ["path", "reason"], registry=r)
         self.gpu_memory = Gauge("ganet_gpu_memory_bytes", "GPU memory in use (only where the backend has a GPU)",
                                 registry=r)
 

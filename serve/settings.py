@@ -21,9 +21,10 @@ class ServeSettings(BaseSettings):
 
     model: Path = Field(description="export directory from ganet-export (or a .safetensors checkpoint for torch)")
     backend: BackendName = Field("auto", description="auto picks tensorrt > onnxruntime > torch")
-    precision: Literal["fp32", "int8"] = Field("fp32", description="int8: ONNX Runtime runs the export's INT8 model "
-                                               "(ganet-export --int8, accuracy drop in its manifest); faster on "
-                                               "CPUs with VNNI")
+    precision: Literal["fp32", "int8", "fp16", "bf16"] = Field(
+        "fp32", description="int8: ONNX Runtime runs the export's INT8 model (ganet-export --int8, accuracy drop in "
+        "its manifest); faster on CPUs with VNNI. fp16, bf16: the torch backend runs a converted copy of the "
+        "checkpoint's model (GA normalisation and softmax kept in fp32), for GPUs")
     fused_kernels: bool = Field(True, description="ONNX Runtime on the CPU runs the export's model.fused.onnx, "
                                 "each Group Attention block one native kernel (built with the host's C compiler on "
                                 "first use); without a compiler, or with --no-fused-kernels, the standard graph")
@@ -44,6 +45,13 @@ class ServeSettings(BaseSettings):
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime / torch threads per instance (0: half "
                                 "the CPU count, at least 1; the rest decode and serve HTTP)")
     device: str | None = Field(None, description="torch backend: cuda or cpu (default: cuda if available)")
+    cuda_graphs: bool | None = Field(None, description="record the model once per batch bucket (1, 2, 4, 8, 16, "
+                                     "24, 32, 48, ... up to --max-batch) and replay it, padding each batch to its "
+                                     "bucket (default: on for torch on CUDA and for TensorRT, off for ONNX Runtime, "
+                                     "where --cuda-graphs needs its CUDA execution provider)")
+    decode: Literal["cpu", "gpu"] = Field("cpu", description="gpu: decode JPEGs with nvJPEG and resize them on the "
+                                          "GPU in batches (needs torch + torchvision with CUDA); other formats and "
+                                          "JPEGs nvJPEG refuses take the CPU path (/metrics counts each path)")
     # min_length: an empty key (GANET_API_KEY= left blank) would let a bare "Authorization: Bearer" in.
     api_key: SecretStr | None = Field(None, min_length=1, description="if set, inference routes need "
                                       "Authorization: Bearer KEY")
