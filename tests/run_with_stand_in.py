@@ -30,7 +30,7 @@ def install() -> None:
     props.major, props.minor = int(major), int(minor)
     cudart.cudaGetDeviceProperties = lambda device: (0, props)
     cudart.cudaMemGetInfo = lambda: (0, 1 << 30, 2 << 30)  # the /metrics GPU gauge
-    trt = fake_tensorrt(os.environ.get("STAND_IN_TRT_VERSION", "10.7.0"))
+    trt = fake_tensorrt(os.environ.get("STAND_IN_TRT_VERSION", "10.7.0"), cudart)  # enqueues go to its streams
     build_s = float(os.environ.get("STAND_IN_BUILD_S", "0"))
     if build_s:
         build = trt.Builder.build_serialized_network
