@@ -34,7 +34,7 @@ outputs in --output: best.safetensors (deployable, best held-out top-1), last.sa
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ganet-train", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="ganet-train", allow_abbrev=False, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a GA-ShuffleNet (or any registered model) and write checkpoints in the ganet format. With "
                     "no arguments: ga_shufflenet_v2_cifar on the bundled handwritten digits (1,797 8x8 images, "
                     "fixed 1,437/360 split), about 2 minutes on 2 CPU cores.",
