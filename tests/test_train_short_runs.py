@@ -49,11 +49,11 @@ def test_one_epoch_on_a_data_set_smaller_than_a_batch(tmp_path, capfd):
     assert info.extra["data"] == "imagefolder" and info.extra["data_dir"] == str(data.resolve())
 
 
-def test_failed_runs_leave_no_output(tmp_path, capsys):
+def test_failed_runs_leave_no_output(tmp_path, capfd):
     # A loss that explodes in the first epoch: no folder appears.
     out = tmp_path / "run"
     assert main(SMALL + ["--lr", "1e30", "--output", str(out)]) == 1
-    assert "no checkpoint was written" in capsys.readouterr().err
+    assert "no checkpoint was written" in capfd.readouterr().err
     assert not out.exists()
     # A folder the user already had stays, with nothing added to it.
     mine = tmp_path / "mine"
@@ -61,9 +61,13 @@ def test_failed_runs_leave_no_output(tmp_path, capsys):
     (mine / "notes.txt").write_text("keep")
     assert main(SMALL + ["--lr", "1e30", "--output", str(mine)]) == 1
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
-    # A strict run whose first image folder batch holds a corrupt file.
+    # A strict run whose first image folder batch holds a corrupt file (with more workers than CPUs: said once).
     data = image_folder(tmp_path / "data", per_class=2)
     (data / "train" / "dark" / "0.png").write_bytes(b"not a PNG")
-    assert main(["--data", "imagefolder", "--data-dir", str(data), "--input-size", "8", "--strict", "--workers", "0",
-                 "--output", str(out)]) == 1
-    assert "0.png" in capsys.readouterr().err and not out.exists()
+    workers = usable_cpus() + 1
+    assert main(["--data", "imagefolder", "--data-dir", str(data), "--input-size", "8", "--strict", "--workers",
+                 str(workers), "--output", str(out)]) == 1
+    captured = capfd.readouterr()
+    assert "0.png" in captured.err and not out.exists()
+    assert captured.out.count(f"--workers {workers} is more than the {usable_cpus()} CPUs") == 1
+    assert "worker processes in total" not in captured.err

@@ -20,7 +20,9 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +37,7 @@ from ganet._io import atomic_write_bytes
 from ganet.checkpoint import CheckpointError, load_checkpoint, read_tensor_file_header, save_checkpoint
 from ganet.models import create_model
 from ganet.preprocess import Preprocessing
+from ganet.system import usable_cpus
 from ganet.train.config import TrainConfig
 from ganet.train.data import DataSplit, ImageTensors, augment, draw_augmentation, preprocess_batch
 
@@ -181,9 +184,10 @@ class FolderBatches:
         self.seed = cfg.seed
         # Workers are started afresh every epoch from a generator seeded with (seed, epoch), so the augmentation
         # of a resumed run replays an uninterrupted one's.
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=cfg.workers,
-                                 collate_fn=collate_skip_bad, pin_memory=rt.device.type == "cuda",
-                                 drop_last=train, generator=torch.Generator())
+        with _no_worker_count_warning():
+            self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=cfg.workers,
+                                     collate_fn=collate_skip_bad, pin_memory=rt.device.type == "cuda",
+                                     drop_last=train, generator=torch.Generator())
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -194,8 +198,19 @@ class FolderBatches:
         self.loader.generator.manual_seed(self.seed * 100_003 + epoch)
         if self.loader.num_workers == 0:  # transforms then draw from this process's global generator
             torch.manual_seed(self.seed * 100_003 + epoch)
-        for x, y, bad in self.loader:
+        with _no_worker_count_warning():
+            batches = iter(self.loader)  # (starts the workers)
+        for x, y, bad in batches:
             yield x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True), bad
+
+
+@contextmanager
+def _no_worker_count_warning() -> Iterator[None]:
+    """Silence DataLoader's warning about more workers than CPUs: it came twice for each loader, and again every
+    epoch; fit() says it once instead."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+        yield
 
 
 def make_batches(data, prep: Preprocessing, rt: Runtime, cfg: TrainConfig, *, train: bool,
@@ -364,6 +379,9 @@ def fit(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = pri
         data = build_dataset(cfg.data, data_dir=cfg.data_dir, input_size=cfg.input_size, download=cfg.download,
                              strict=cfg.strict)
     cfg = _fitted_batch(cfg, len(data.train), rt, log)
+    if not isinstance(data.train, ImageTensors) and cfg.workers > usable_cpus():
+        log(f"--workers {cfg.workers} is more than the {usable_cpus()} CPUs this process may use: image decoding may "
+            f"slow down rather than speed up (the default is {min(4, usable_cpus())} here)")
     prep = data.preprocessing
     train_batches = make_batches(data, prep, rt, cfg, train=True)
     val_batches = make_batches(data, prep, rt, cfg, train=False)
