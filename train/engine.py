@@ -243,6 +243,10 @@ def evaluate(model: nn.Module, batches, rt: Runtime, amp: torch.dtype | None = N
                              (top[:, 0] == y).sum().double(), (top == y[:, None]).any(dim=1).sum().double()])
         n += len(y)
     loss, c1, c5, n = rt.all_sum(sums.tolist() + [n])
+    if n == 0:
+        from ganet.train.datasets import CorruptImageError
+
+        raise CorruptImageError("the held-out split", "none of its images could be decoded")
     return loss / n, c1 / n, c5 / n, int(n)
 
 
