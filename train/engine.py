@@ -419,7 +419,9 @@ def fit(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = pri
     if cfg.compile:
         step_model = torch.compile(step_model)
 
-    writer = None  # opened with the outputs, when the first epoch ends
+    writer = None  # a fresh run opens its outputs when its first epoch ends; a resumed one has them already
+    if rt.is_main and resume:
+        writer = _open_outputs(out, cfg, resume, start_epoch, last_metrics)
     checkpoint_args = dict(model_name=cfg.model, labels=data.labels, preprocessing=prep)
     data_record = data_provenance(cfg)
     check_every = 1 if rt.device.type == "cpu" else 50  # a finiteness check syncs the GPU: do it now and then
