@@ -370,8 +370,8 @@ def _int8(fp32_path: Path, int8_path: Path, data: Any, opts: ExportOptions, inpu
     else:
         entry["heldout"] = None
         entry["passed"] = None  # not gated: no labelled images here
-        log(f"  int8 vs PyTorch on photographs: {result.summary()}; NOT gated: no held-out labels here (pass "
-            "--data-dir to gate on the data set's held-out split)")
+        log(f"  int8 vs PyTorch on photographs: {result.summary()}; NOT gated: the checkpoint's data set is not "
+            "reachable here (its first line says why), so no held-out accuracy was measured")
     parity["onnx_int8"] = entry
     return {"kind": "onnx_int8", "file": "model.int8.onnx", "precision": "int8", "quantization": settings}
 
