@@ -516,7 +516,8 @@ def combine(rounds: list[dict]) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--duration", type=float, default=15.0, help="measured seconds per server (default 15)")
     p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds of load before each window")
     p.add_argument("--rounds", type=int, default=2, help="interleaved windows per server (default 2)")

@@ -29,8 +29,6 @@ __all__ = ["TensorRTUnavailableError", "TensorRTBuildError", "EngineMismatchErro
            "build_engine", "current_engine_environment", "engine_mismatches", "check_engine_compatible",
            "TensorRTRunner"]
 
-INSTALL_HINT = ("install it on a host with an NVIDIA GPU: `pip install tensorrt-cu12 cuda-python` (or `pip install "
-                "tensorrt`, matching your CUDA major version)")
 REBUILD_HINT = "rebuild it with `ganet-export --trt` on this machine"
 WORKSPACE_BYTES = 1 << 30
 
@@ -47,11 +45,29 @@ class EngineMismatchError(RuntimeError):
     """A serialized engine was built for another TensorRT version or GPU architecture."""
 
 
+def install_command() -> str:
+    """The pip command for TensorRT and cuda-python matching this host's CUDA major version, read from torch where
+    it is already imported (never imported here: a serving host may have none); both majors where it is unknown."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    cuda = getattr(getattr(torch, "version", None), "cuda", None)
+    if isinstance(cuda, str) and cuda.split(".")[0].isdecimal():
+        major = int(cuda.split(".")[0])
+        return f"pip install tensorrt-cu{major} 'cuda-python>={major},<{major + 1}'"
+    return ("pip install tensorrt-cu12 'cuda-python>=12,<13' (CUDA 12) or pip install tensorrt-cu13 "
+            "'cuda-python>=13,<14' (CUDA 13)")
+
+
+def install_hint() -> str:
+    return f"install it on a host with an NVIDIA GPU: {install_command()}"
+
+
 def _import_tensorrt():
     try:
         import tensorrt as trt
     except ImportError as e:
-        raise TensorRTUnavailableError(f"TensorRT is not installed ({e}); {INSTALL_HINT}") from None
+        raise TensorRTUnavailableError(f"TensorRT is not installed ({e}); {install_hint()}") from None
     return trt
 
 
@@ -62,7 +78,7 @@ def _import_cudart():
         try:
             from cuda import cudart  # older cuda-python
         except ImportError as e:
-            raise TensorRTUnavailableError(f"cuda-python is not installed ({e}); {INSTALL_HINT}") from None
+            raise TensorRTUnavailableError(f"cuda-python is not installed ({e}); {install_hint()}") from None
     return cudart
 
 

@@ -100,7 +100,8 @@ def _compare_numbers(where: str, recorded: dict[str, Any], now: dict[str, Any], 
 def _rerun_parity(m: Manifest, result: VerifyResult, changed: set[str], log: Callable[[str], None]) -> None:
     from ganet.checkpoint import CheckpointError, load_checkpoint
     from ganet.export import parity as P
-    from ganet.export.pipeline import heldout_images, heldout_top1, parity_batch_sizes
+    from ganet.export.data import DEFAULT_HELDOUT_IMAGES, DataUnavailableError, ExportData, resolve_export_data
+    from ganet.export.pipeline import heldout_top1, parity_batch_sizes
 
     ckpt = Path(m.checkpoint.get("path", ""))
     if not ckpt.is_file():
@@ -116,10 +117,23 @@ def _rerun_parity(m: Manifest, result: VerifyResult, changed: set[str], log: Cal
     except CheckpointError as e:
         result.differences.append(f"checkpoint: {e}")
         return
-    log(f"[ganet-export] re-running parity against {ckpt} ...")
     prep = m.preprocessing
-    dataset = P.dataset_of(info.extra, prep)
-    inputs = P.parity_inputs(prep, dataset)
+    recorded = m.parity.get("inputs", {})
+    # The inputs the export used: the photographs, and the same held-out images of the same folder if it used any.
+    data = ExportData(prep)
+    if recorded.get("dataset_heldout"):
+        try:
+            data = resolve_export_data(info.extra, prep, info.labels, recorded.get("data_dir"),
+                                       recorded.get("heldout_limit", DEFAULT_HELDOUT_IMAGES))
+        except DataUnavailableError as e:
+            data.note = str(e)
+        if data.name != recorded["dataset_heldout"]:
+            result.notes.append(f"parity could not be re-run: the export checked it on the held-out split of "
+                                f"{recorded['dataset_heldout']}, which is not reachable here ({data.note}); hashes "
+                                "were checked")
+            return
+    log(f"[ganet-export] re-running parity against {ckpt} ...")
+    inputs = data.parity_inputs()
     reference = P.torch_reference(model, prep, inputs.images)
     batches = [int(b) for b in m.parity.get("onnx", {}).get("by_batch", {})] or parity_batch_sizes(m.max_batch)
     onnx_file = m.path(m.artifact("onnx"))
@@ -154,7 +168,7 @@ def _rerun_parity(m: Manifest, result: VerifyResult, changed: set[str], log: Cal
     if int8 is not None and int8.file in changed:
         result.notes.append(f"INT8 accuracy not re-run: {int8.file} differs from the manifest")
     elif int8 is not None and held:
-        held_out = heldout_images(prep, dataset)
+        held_out = data.heldout
         if held_out is not None:
             acc32, acc8 = heldout_top1(onnx_file, held_out), heldout_top1(m.path(int8), held_out)
             _compare_numbers("parity.onnx_int8.heldout", held,
