@@ -84,7 +84,8 @@ def measure(backend, images: np.ndarray, rounds: int, seconds: float) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (default when "
                    "available) or cpu")
     p.add_argument("--model", default="ga_shufflenet_v2", help="architecture (random weights; default the 224x224 "

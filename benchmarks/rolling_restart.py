@@ -260,7 +260,7 @@ def _cpu_name() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--export", type=Path, help="export directory (default: a ga_shufflenet_v2 224x224 export)")
     p.add_argument("--clients", type=int, default=8, help="closed-loop connections (default 8)")
     p.add_argument("--baseline-s", type=float, default=8.0, help="measured seconds before the restarts")

@@ -358,7 +358,7 @@ Overall: **{overall:.1f}%** of {total_scored} mutants killed.
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tools/mutation.sh", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--module", action="append", choices=list(TARGETS),
                    help="run only this module (repeatable); default: all")
     p.add_argument("--fresh", action="store_true", help="forget earlier results of the chosen modules")
