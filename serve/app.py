@@ -9,7 +9,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -220,8 +220,11 @@ def _start(state: ServeState, backends: list[Backend] | None, spec: ModelSpec | 
 
 
 def create_app(settings: ServeSettings, *, backends: list[Backend] | None = None,
-               spec: ModelSpec | None = None) -> FastAPI:
-    """The service. ``backends`` + ``spec`` inject already-built backends (tests); otherwise settings.model loads."""
+               spec: ModelSpec | None = None,
+               attach: Callable[[ServeState], Awaitable[None]] | None = None) -> FastAPI:
+    """The service. ``backends`` + ``spec`` inject already-built backends (tests); otherwise settings.model loads.
+    ``attach``: another process owns the model (``ganet-serve --frontends``); it sets the state's spec, backends
+    and batcher, and turns ``ready`` on when the owner says every process is warm."""
     from ganet.serve.routes_classify import router as classify_router
     from ganet.serve.routes_ops import router as ops_router
     from ganet.serve.routes_v2 import router as v2_router
@@ -231,10 +234,13 @@ def create_app(settings: ServeSettings, *, backends: list[Backend] | None = None
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.decode_pool = ThreadPoolExecutor(settings.workers_decode, thread_name_prefix="ganet-decode")
-        await asyncio.get_running_loop().run_in_executor(None, _start, state, backends, spec)
-        state.ready = True
-        log.info("ready", extra={"event": "ready", "model": state.spec.name, "backend": state.backends[0].name,
-                                 "device": state.backends[0].device, "max_batch": state.spec.max_batch})
+        if attach is not None:
+            await attach(state)
+        else:
+            await asyncio.get_running_loop().run_in_executor(None, _start, state, backends, spec)
+            state.ready = True
+            log.info("ready", extra={"event": "ready", "model": state.spec.name, "backend": state.backends[0].name,
+                                     "device": state.backends[0].device, "max_batch": state.spec.max_batch})
         try:
             yield
         finally:

@@ -19,8 +19,10 @@ examples:
   ganet-serve exports/gpu --backend tensorrt --max-batch 64 --host 0.0.0.0
   ganet-serve runs/digits/best.safetensors --backend torch     # a checkpoint, PyTorch eager
   GANET_API_KEY=secret ganet-serve exports/digits --cors-origins https://example.org
+  ganet-serve exports/gpu --backend tensorrt --frontends 4     # 4 HTTP processes feed one model owner
 
-exit codes: 0 stopped cleanly; 2 bad option or a model that cannot be served (the message says why)."""
+exit codes: 0 stopped cleanly; 1 front-end processes kept dying (--frontends); 2 bad option or a model that
+cannot be served (the message says why)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,11 +91,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, OSError) as e:  # manifest, checkpoint, backend, engine-mismatch errors
         print(f"ganet-serve: error: {e}", file=sys.stderr)
         return 2
+    from ganet.serve.supervisor import bind_listener, resolve_frontends, run_supervisor
+
+    frontends = resolve_frontends(settings, backends[0])
+    if frontends:  # this process owns the model; N processes serve HTTP
+        return run_supervisor(settings, backends, spec, frontends)
+    sockets = None
+    if settings.reuse_port:
+        try:
+            sockets = [bind_listener(settings.host, settings.port, reuse_port=True)]
+        except OSError as e:
+            print(f"ganet-serve: error: cannot listen on {settings.host}:{settings.port}: {e.strerror or e}",
+                  file=sys.stderr)
+            return 2
     app = create_app(settings, backends=backends, spec=spec)  # the lifespan warms up, then turns ready
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=settings.grace_s, lifespan="on")
     server = uvicorn.Server(config)
-    server.run()
+    server.run(sockets=sockets)
     return 0 if server.started else 2
 
 

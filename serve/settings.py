@@ -51,6 +51,12 @@ class ServeSettings(BaseSettings):
     max_files: int = Field(64, ge=1, description="most images in one /classify request")
     warmup: bool = Field(True, description="run every batch size once before turning ready")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="structured log level")
+    frontends: int | None = Field(None, ge=0, description="HTTP front-end processes that parse and decode requests "
+                                  "and hand the images through shared memory to this process, which owns the model "
+                                  "and its batcher (0: one process does everything; default: 0 on the CPU, on a GPU "
+                                  "one per two usable CPUs, 2 to 8)")
+    reuse_port: bool = Field(False, description="bind the port with SO_REUSEPORT, so that several independent "
+                             "ganet-serve processes can share it (the kernel spreads connections over them)")
 
     @property
     def cors_origin_list(self) -> list[str]:
