@@ -37,12 +37,14 @@ __all__ = ["run_supervisor", "bind_listener", "resolve_frontends", "RESTART_LIMI
 log = logging.getLogger("ganet.serve")
 
 RESTART_LIMIT, RESTART_WINDOW_S = 5, 60.0
-STOP_MARGIN_S = 5.0  # beyond --grace-s: a front end's own shutdown after its drain (lifespan, exit)
+STOP_MARGIN_S = 5.0
+LISTEN_BACKLOG = 2048  # uvicorn's default  # beyond --grace-s: a front end's own shutdown after its drain (lifespan, exit)
 
 
 def bind_listener(host: str, port: int, reuse_port: bool = False) -> socket.socket:
-    """The listening socket, bound (OSError if the port is taken); ``reuse_port``: SO_REUSEPORT, so that several
-    independent ganet-serve processes share the port and the kernel spreads connections over them."""
+    """The listening socket, bound and listening at once, so that the port is ours from here on (OSError if it is
+    taken; connections that arrive before a server accepts wait in the backlog). ``reuse_port``: SO_REUSEPORT, so
+    that several independent ganet-serve processes share the port and the kernel spreads connections over them."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -50,6 +52,7 @@ def bind_listener(host: str, port: int, reuse_port: bool = False) -> socket.sock
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
+        sock.listen(LISTEN_BACKLOG)
     except OSError:
         sock.close()
         raise
