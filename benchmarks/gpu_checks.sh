@@ -31,3 +31,11 @@ step serve_gpu 180 python3 bench_serve.py --servers ours,torch,torch_async --tor
 step train_gpu 120 python3 bench_train_throughput.py --device cuda --steps 40 --rounds 3 \
     --output "$OUT/train_gpu.json"
 step estimate 90 python3 estimate_cifar100_gpu.py --measure-gpu --steps 3 --output "$OUT/estimate.json"
+
+# ---- frontends: which process layout serves the GPU best (docs/serving.md, "Process layouts"). ganet-serve with
+# the torch backend on CUDA as one process, as --frontends 2/4/8 (N HTTP processes feeding one model owner through
+# shared memory), and as 2 independent instances sharing the port (--reuse-port); 128 clients from 4 generator
+# processes. Results: $OUT/frontends.{txt,json} (images/s, p50/p99, CPU ms per image, owner/front-end split).
+step frontends 180 python3 bench_serve.py --servers ours_single,ours_fe2,ours_fe4,ours_fe8,ours_reuse2 \
+    --serve-arg=--backend=torch --serve-arg=--device=cuda --clients 128 --generators 4 --duration 6 --warmup 2 \
+    --rounds 1 --no-open-loop --output "$OUT/frontends.json"

@@ -95,6 +95,7 @@ class ModelOwner:
         """Blocking: warm every backend at every batch size, start the batcher (what a single-process server does
         in its lifespan), then tell the front ends if they are all up."""
         _start(self.state, self.backends, self.spec)
+        self.state.metrics.refresh()  # the gauges (GPU memory) before the first batch
         with self._lock:
             self.warm = True
             self._announce()

@@ -127,19 +127,25 @@ def test_every_answer_is_its_own_images_and_images_are_batched():
 
 
 def test_ready_only_after_the_warm_up_and_every_front_end():
-    with owner_of(2, ChannelMeans()) as (owner, ring, sockets, slots):
-        async def main():
-            (first, first_ready, _), (second, second_ready, _) = [await frontend(s, ring, i, slots)
-                                                                   for i, s in enumerate(sockets)]
-            first.started()
+    async def phases(owner, ring, sockets, slots, warm_first: bool):
+        fronts = [await frontend(s, ring, i, slots) for i, s in enumerate(sockets)]
+        warm = lambda: asyncio.get_running_loop().run_in_executor(None, owner.warm_up)  # noqa: E731
+        if warm_first:
+            await warm()
+        for batcher, _, _ in fronts:  # one by one: nobody is ready until the last has started (and the warm-up)
             await asyncio.sleep(0.2)
-            await asyncio.get_running_loop().run_in_executor(None, owner.warm_up)
+            assert not owner.ready and not any(ready.is_set() for _, ready, _ in fronts)
+            batcher.started()
+        if not warm_first:
             await asyncio.sleep(0.2)
-            assert not first_ready.is_set() and not owner.ready  # the second front end has not started
-            second.started()
-            await asyncio.wait_for(asyncio.gather(first_ready.wait(), second_ready.wait()), 10)
-            assert owner.ready
-        asyncio.run(main())
+            assert not owner.ready and not any(ready.is_set() for _, ready, _ in fronts)
+            await warm()
+        await asyncio.wait_for(asyncio.gather(*(ready.wait() for _, ready, _ in fronts)), 10)
+        assert owner.ready
+
+    for warm_first in (True, False):
+        with owner_of(3, ChannelMeans()) as (owner, ring, sockets, slots):
+            asyncio.run(phases(owner, ring, sockets, slots, warm_first))
 
 
 def test_full_queue_and_full_slots_are_queue_full_errors():

@@ -138,6 +138,41 @@ def test_concurrent_clients_are_batched_and_answers_unchanged(server):
     assert count > ones, "every backend call ran a single image: no batching happened"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(MODES))
+def test_api_key_limits_and_error_shapes_are_the_same_in_every_mode(export_dir, mode):  # noqa: F811
+    from test_serve import assert_error, bad_inputs
+
+    proc, url = start_server(export_dir, "--max-body-bytes", "200000", "--max-files", "2", "--max-pixels",
+                             "20000000", *MODES[mode], env={"GANET_API_KEY": "s3cret"})
+    key = {"Authorization": "Bearer s3cret"}
+    png = encode(photos()["coffee"].resize((200, 150)), "PNG")  # under the body limit
+    try:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            r = c.post("/classify", content=png, headers={"Content-Type": "image/png"})
+            assert_error(r, 401, "unauthorized", "Bearer")
+            assert r.headers["www-authenticate"] == "Bearer"
+            assert_error(c.post("/classify", content=png, headers={"Content-Type": "image/png",
+                                                                    "Authorization": "Bearer nope"}), 401, "unauthorized")
+            r = c.post("/classify", content=png, headers={"Content-Type": "image/png", **key, "X-Request-ID": "r-1"})
+            assert r.status_code == 200 and r.headers["x-request-id"] == "r-1"
+            assert c.get("/metrics").status_code == 200 and c.get("/v2/health/ready").status_code == 200  # open
+            for name, body, content_type, status, code in bad_inputs():
+                if len(body) <= 200_000:
+                    headers = {"Content-Type": content_type} if content_type else {}
+                    assert_error(c.post("/classify", content=body, headers={**headers, **key}), status, code)
+            assert_error(c.post("/classify", content=b"x" * 300_000, headers={"Content-Type": "image/png", **key}),
+                         413, "body_too_large", "200000")
+            files = [("file", (f"{i}.png", png, "image/png")) for i in range(3)]
+            assert_error(c.post("/classify", files=files, headers=key), 413, "too_many_files")
+            assert_error(c.post("/classify?top_k=11", content=png, headers={"Content-Type": "image/png", **key}),
+                         422, "validation_error")
+            assert_error(c.post("/v2/models/nope/infer", json={"inputs": []}, headers=key), 404, "not_found")
+    finally:
+        log = stop(proc)
+    assert proc.returncode in (0, -signal.SIGTERM), log[-3000:]
+
+
 def _raw_post(port: int, body: bytes) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=20)
     head = (f"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
