@@ -106,6 +106,18 @@ def test_ring_views_are_shared_and_the_segment_is_unlinked():
     assert not Path("/dev/shm", ring.name).exists()
 
 
+def test_a_ring_larger_than_the_free_shared_memory_is_refused(monkeypatch):
+    from types import SimpleNamespace
+
+    from ganet.serve.shm_ring import ShmSpaceError
+
+    before = set(os.listdir("/dev/shm"))
+    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_bavail=16, f_frsize=4096))  # 64 KiB free
+    with pytest.raises(ShmSpaceError, match="--shm-size"):
+        ImageRing.create(4, (3, 224, 224))
+    assert set(os.listdir("/dev/shm")) == before  # refused before anything was created
+
+
 def test_every_answer_is_its_own_images_and_images_are_batched():
     backend = ChannelMeans()
     with owner_of(2, backend) as (owner, ring, sockets, slots):
