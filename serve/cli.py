@@ -61,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def uvicorn_config(app, settings, **where):
+    """uvicorn's settings for ganet-serve, in one process or in each front end of --frontends (``where``: host and
+    port; nothing where the listening socket is passed to ``Server.run``)."""
+    import uvicorn
+
+    return uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=settings.grace_s,
+                          lifespan="on", **where)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pydantic import ValidationError
@@ -105,9 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
     app = create_app(settings, backends=backends, spec=spec)  # the lifespan warms up, then turns ready
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=settings.grace_s, lifespan="on")
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(app, settings, host=settings.host, port=settings.port))
     server.run(sockets=sockets)
     return 0 if server.started else 2
 

@@ -55,6 +55,7 @@ def run_frontend(cfg: FrontendConfig, listener: socket.socket, owner: socket.soc
     import uvicorn
 
     from ganet.serve.app import ServeState, create_app
+    from ganet.serve.cli import uvicorn_config
     from ganet.serve.logs import configure_logging
     from ganet.serve.remote_batcher import RemoteBatcher
     from ganet.serve.shm_ring import ImageRing
@@ -79,10 +80,7 @@ def run_frontend(cfg: FrontendConfig, listener: socket.socket, owner: socket.soc
         state.batcher = await RemoteBatcher.connect(owner, ring, cfg.first_slot, cfg.slots, ready, owner_lost)
         state.batcher.started()
 
-    app = create_app(cfg.settings, attach=attach)
-    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=cfg.settings.grace_s)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(create_app(cfg.settings, attach=attach), cfg.settings))
     try:
         server.run(sockets=[listener])
     finally:
