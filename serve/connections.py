@@ -15,7 +15,8 @@ in the kernel's backlog. :func:`guarded_protocol` wraps uvicorn's httptools prot
   longest (no request in progress: waiting for its first headers, or kept alive for ``EVICT_GRACE_S`` at least),
   as nginx reuses idle keep-alive connections; if none qualifies, the new one is answered ``503`` with
   ``Retry-After`` and closed. A connection that answered a moment ago is spared: its client is likely sending the
-  next request on it right now, and a POST lost that way reaches the client as a reset, not an answer. uvicorn's ``limit_concurrency`` is not used: it answers plain text and counts idle sockets as load.
+  next request on it right now, and a POST lost that way reaches the client as a reset, not an answer.
+  uvicorn's ``limit_concurrency`` is not used: it answers plain text and counts idle sockets as load.
 
 The body itself is bounded by the request's deadline in ``ganet.serve.middleware`` (408).
 """

@@ -8,6 +8,8 @@ sizes it is called with; its answers are its input pixels, so every image's answ
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import threading
 import time
 
@@ -133,6 +135,8 @@ def test_results_carry_their_batch_and_metrics_hear_of_each_batch(probe_dir):
     assert all(s > 0 for _, s, _ in seen) and all(0 <= q < 5 for _, _, qs in seen for q in qs)
     assert all(r.inference_s > 0 and r.queue_s >= 0 for r in results)
     assert not any(t.is_alive() for t in batcher._threads)  # close() stopped the worker
+    with pytest.raises(dataclasses.FrozenInstanceError):  # one result object per image, never edited in place
+        results[0].batch_size = 1
 
 
 def test_a_full_queue_refuses_at_once(probe_dir):
@@ -162,13 +166,16 @@ def test_a_passed_deadline_is_an_error_and_its_image_never_runs(probe_dir):
     assert recording.calls in ([1], []), recording.calls
 
 
-def test_a_failing_backend_fails_every_image_of_its_batch(probe_dir):
+def test_a_failing_backend_fails_every_image_of_its_batch(probe_dir, caplog):
     boom = RuntimeError("engine exploded")
     recording = Recording(load_backend(probe_dir, "onnxruntime", intra_op_threads=1)[0], error=boom)
     batcher = DynamicBatcher([recording], max_batch=4, max_delay_us=300_000, queue_size=8)
     try:
-        results = asyncio.run(submit_all(batcher, images(3)))
+        with caplog.at_level(logging.ERROR, logger="ganet.serve"):
+            results = asyncio.run(submit_all(batcher, images(3)))
         assert results == [boom] * 3 and recording.calls == [3]
+        logged = [r for r in caplog.records if getattr(r, "event", None) == "inference_error"]
+        assert len(logged) == 1 and logged[0].name == "ganet.serve" and logged[0].exc_info[1] is boom
         recording.error = None
         (after,) = asyncio.run(submit_all(batcher, images(1)))  # the worker survived the failure
         assert isinstance(after, BatchResult) and after.batch_size == 1

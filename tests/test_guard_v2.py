@@ -65,16 +65,44 @@ def assert_400(r, code: str, *words: str) -> None:
         assert w in body["error"], (w, body)
 
 
+def refused(call, *args, **kwargs) -> tuple[int, str, str]:
+    """(status, code, message) of the ServeError ``call`` raises."""
+    with pytest.raises(ServeError) as e:
+        call(*args, **kwargs)
+    return e.value.status, e.value.code, e.value.message
+
+
 def test_unpack_bytes():
     assert unpack_bytes(b"") == []
     assert unpack_bytes(packed(b"ab", b"", b"xyz")) == [b"ab", b"", b"xyz"]
-    with pytest.raises(ServeError, match="truncated element length"):
-        unpack_bytes(packed(b"ab") + b"\x01\x00")
-    with pytest.raises(ServeError, match="element of 5 bytes runs past the data"):
-        unpack_bytes(struct.pack("<I", 5) + b"abcd")
-    with pytest.raises(ServeError, match="element of 4 bytes"):
-        unpack_bytes(struct.pack("<I", 4) + b"abc")
+    assert unpack_bytes(packed(b"ab", b"")) == [b"ab", b""]  # a trailing empty element: exactly 4 bytes left
     assert unpack_bytes(struct.pack("<I", 4) + b"abcd") == [b"abcd"]
+    assert refused(unpack_bytes, packed(b"ab") + b"\x01\x00") == (
+        400, "invalid_tensor", "BYTES tensor: truncated element length")
+    assert refused(unpack_bytes, packed(b"ab") + b"\x00\x00\x00") == (
+        400, "invalid_tensor", "BYTES tensor: truncated element length")
+    assert refused(unpack_bytes, struct.pack("<I", 5) + b"abcd") == (
+        400, "invalid_tensor", "BYTES tensor: element of 5 bytes runs past the data")
+    message = refused(unpack_bytes, struct.pack("<I", 4) + b"abc")[2]
+    assert message == "BYTES tensor: element of 4 bytes runs past the data"
+
+
+def test_unpack_bytes_stops_at_the_declared_count():
+    assert unpack_bytes(packed(b"a", b"b"), limit=2) == [b"a", b"b"]  # exactly the limit is fine
+    assert unpack_bytes(packed(b"a"), limit=None) == [b"a"]
+    assert refused(unpack_bytes, packed(b"a", b"b", b""), limit=2) == (
+        400, "invalid_tensor", "BYTES tensor: more than the 2 elements its shape declares")
+    # refused before the next element is read: a huge count of empty elements costs one length at most
+    assert refused(unpack_bytes, packed(b"") * 3 + b"\xff", limit=3)[2].startswith("BYTES tensor: more than the 3")
+
+
+def test_invalid_requests_name_each_problem_by_its_path():
+    from ganet.serve.routes_v2 import _parse
+
+    status, code, message = refused(_parse, b'{"inputs":[{"name":"image","shape":"x","datatype":5}]}')
+    assert (status, code) == (400, "bad_request")
+    assert message == ("invalid inference request: inputs.0.shape: Input should be a valid array; "
+                       "inputs.0.datatype: Input should be a valid string")
 
 
 def test_good_requests_json_and_binary_both_ways(client):

@@ -101,7 +101,7 @@ def sync_tree(tree: Path) -> None:
         if not dst.is_file() or not filecmp.cmp(src, dst, shallow=False):
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
-    keep = set(files) | {".mutmut-cache", "mutmut_config.py", "mutation_scope.json"}
+    keep = set(files) | {".mutmut-cache", "mutmut_config.py", "mutation_scope.json", ANNOTATION_ONLY}
     for path in sorted(tree.rglob("*"), reverse=True):
         rel = path.relative_to(tree).as_posix()
         linked = any(rel.startswith(f"ganet/{name}") for name in PACKAGE_DIRS)
@@ -115,11 +115,45 @@ def sync_tree(tree: Path) -> None:
             link.symlink_to(Path("..") / directory)
 
 
-HOOK = '''"""Written by tools/mutation.py: mutate only the target's scope (function names, not line numbers)."""
+ANNOTATION_ONLY = "annotation_only.txt"  # in each tree: the mutants skipped as changing a type annotation only
+
+HOOK = '''"""Written by tools/mutation.py: mutate only the target's scope (function names, not line numbers), and skip
+mutants that change nothing but a type annotation (recorded in annotation_only.txt)."""
+import ast
 import json
 from pathlib import Path
 
 _SCOPE = json.loads(Path(__file__).with_name("mutation_scope.json").read_text())
+_SKIPPED = Path(__file__).with_name("annotation_only.txt")
+
+
+def _without_annotations(source):
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.arg):
+            node.annotation = None
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            node.returns = None
+        elif isinstance(node, ast.AnnAssign):
+            node.annotation = ast.Constant("annotation")  # the field stays a field; its type text goes
+    return ast.dump(tree)
+
+
+def _annotation_only(context):
+    """Under `from __future__ import annotations` annotations are strings nothing here evaluates: a mutant whose
+    module is the same once they are blanked is equivalent by construction."""
+    from mutmut import Context, mutate
+
+    source = Path(context.filename).read_text()  # not yet mutated
+    if "from __future__ import annotations" not in source:
+        return False
+    mutant = Context(source=source, mutation_id=context.mutation_id, filename=context.filename,
+                     config=context.config)
+    mutated, performed = mutate(mutant)
+    try:
+        return performed > 0 and _without_annotations(mutated) == _without_annotations(source)
+    except SyntaxError:
+        return False
 
 
 def pre_mutation(context):
@@ -129,6 +163,11 @@ def pre_mutation(context):
         return
     line = context.mutation_id.line_number + 1  # mutmut counts from 0
     if lines != "all" and not any(start <= line <= end for start, end in lines):
+        context.skip = True
+        return
+    if _annotation_only(context):
+        with _SKIPPED.open("a") as f:
+            f.write(f"{line}:{context.mutation_id.index}\\n")
         context.skip = True
 '''
 
@@ -278,9 +317,11 @@ def machine() -> str:
 
 def write_report(minutes: dict[str, float]) -> float:
     part, explained = hand_written()
-    rows, listed, total_killed, total_scored = [], [], 0, 0
+    rows, listed, total_killed, total_scored, annotation_only = [], [], 0, 0, 0
     for key, target in TARGETS.items():
         counts, survivors = results(key)
+        skipped = WORK / key / "tree" / ANNOTATION_ONLY
+        annotation_only += len(set(skipped.read_text().split())) if skipped.is_file() else 0
         killed = counts.get(KILLED, 0) + counts.get(TIMEOUT, 0) + counts.get(SUSPICIOUS, 0)
         equivalent = [s for s in survivors if s.key in explained]
         scored = killed + len(survivors)
@@ -336,7 +377,10 @@ explained equivalent mutants as killed.
 |---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Overall: **{overall:.1f}%** of {total_scored} mutants killed.
+Overall: **{overall:.1f}%** of {total_scored} mutants killed. Not run, and in no column: {annotation_only}
+mutants that change only a type annotation, equivalent by construction (every module here has `from __future__
+import annotations`, so annotations are strings that nothing evaluates; the hook compares each mutant's syntax tree
+with the original's, annotations blanked).
 
 ## Survivors
 
