@@ -4,7 +4,7 @@ against its same-width baseline inside ONNX Runtime: with the standard graph (mo
 the stem one node), which ganet-serve runs on CPUs. "blocks only" fuses the GA blocks and nothing else, so that
 against the baseline (which keeps its shuffles and stem as exported too) it measures what the GA blocks cost.
 
-Targets (issue 4), on the development machine: ORT fp32 at batch 1 and 32 is >= 2x faster than PyTorch eager for
+Targets, on the development machine: ORT fp32 at batch 1 and 32 is >= 2x faster than PyTorch eager for
 ga_shufflenet_v2 (224x224) and ga_shufflenet_v2_cifar (32x32); at batch 32 in ORT, GA costs <= 1.15x its
 same-width baseline (shufflenet_v2_g15 at 224, shufflenet_v2_cifar at 32). Every model is exported exactly as
 ``ganet-export`` does it (uint8 input, normalisation in the graph). Runs are interleaved (torch GA, ORT GA,

@@ -1,6 +1,6 @@
 """Training throughput: ``ganet-train``'s loop against a bare 15-line loop, same model, same tensors, same run.
 
-The issue's target: the framework around the loop (batching, augmentation, learning-rate schedule, finiteness
+Target: the framework around the loop (batching, augmentation, learning-rate schedule, finiteness
 checks, metrics, progress) costs at most 5%, i.e. ours / bare >= 0.95 in images per second of the training phase.
 Rounds alternate between the two loops, so machine noise hits both alike; the per-round ratios are reported as
 median (min, quartiles, max). Writes benchmarks/results/train_throughput.json.

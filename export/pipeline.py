@@ -53,7 +53,7 @@ class ExportOptions:
     calibration_images: int = 512
     benchmark_rounds: int = 5  # 0: skip the latency table
     timing_cache: Path | None = None
-    atol: float | None = None  # the fp32 ONNX parity bound on max |dlogit| (None: parity.TOLERANCES, the issue's)
+    atol: float | None = None  # the fp32 ONNX parity bound on max |dlogit| (None: parity.TOLERANCES)
 
 
 def _atol_hint(result: Any) -> str:  # a parity.ParityResult (parity imports torch: imported where used)
