@@ -37,3 +37,19 @@ def stand_in(monkeypatch):
         monkeypatch.setitem(sys.modules, "tensorrt", trt)
         return trt, cudart
     return install
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`ganet-demo` run once per session (the README's first command): the embedded default trained, exported,
+    served. ``.output`` holds ``best.safetensors`` (the default checkpoint) and ``export/``; ``.result`` is the
+    finished process, ``.elapsed_s`` its wall time. tests/test_preprocess_and_cli.py checks the run; other tests
+    reuse its checkpoint instead of training another."""
+    import subprocess
+    import time
+    from types import SimpleNamespace
+
+    output = tmp_path_factory.mktemp("demo")
+    t0 = time.monotonic()
+    result = subprocess.run(["ganet-demo", "--output", str(output)], capture_output=True, text=True, timeout=900)
+    return SimpleNamespace(output=output, result=result, elapsed_s=time.monotonic() - t0)
