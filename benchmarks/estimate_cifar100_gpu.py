@@ -111,7 +111,8 @@ def on_paper(train_flops: float, act_bytes: float, kernels: int, steps_total: in
 
 def main() -> None:
     defaults = GpuAssumptions()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--model", default=PRESETS["cifar100"]["model"])
     parser.add_argument("--steps", type=int, default=10, help="CPU steps timed")
     parser.add_argument("--gpu-name", default=defaults.name)
