@@ -61,7 +61,8 @@ class ClassifierAPI(ls.LitAPI):
 def main() -> None:
     from ganet.system import usable_cpus
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--export", type=Path, required=True, help="a ganet-export directory (its model.onnx is served)")
     p.add_argument("--port", type=int, default=8004)
     p.add_argument("--workers", type=int, default=usable_cpus(), help="inference workers (default: usable CPUs)")

@@ -124,7 +124,7 @@ def render(report: dict, docs: Path) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--config", choices=sorted(CONFIGS), default="full", help="full (the docs) or tiny (a test)")
     p.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="default: all four")
     p.add_argument("--docs", type=Path, default=ROOT / "docs",

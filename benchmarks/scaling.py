@@ -237,7 +237,8 @@ def run(sizes: tuple[int, ...], block_rounds: int, network_rounds: int, threads:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
     p.add_argument("--rounds", type=int, default=15, help="interleaved rounds per size for the blocks")
     p.add_argument("--network-rounds", type=int, default=7)

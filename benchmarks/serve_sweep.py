@@ -125,9 +125,9 @@ def run(levels: tuple[int, ...], rounds: int, duration: float, warmup: float, se
         windows: dict[str, dict[int, list[dict]]] = {name: {c: [] for c in levels} for name in running}
         for r in range(rounds):
             for c in levels:
-                args = SimpleNamespace(clients=c, warmup=warmup, duration=duration, body="multipart")
+                args = SimpleNamespace(warmup=warmup, duration=duration, body="multipart", generator_processes=1)
                 for name, server in running.items():
-                    summary = bench_serve.measure(server, jpeg, args)
+                    summary = bench_serve.measure(server, jpeg, args, clients=c)
                     windows[name][c].append(summary)
                     log(f"  round {r + 1}/{rounds}, {c:3d} clients, {LABELS[name]:<20} "
                         f"{summary['images_per_s']:7.1f} img/s  p50 {summary['latency_ms']['p50']:7.1f} ms  "
@@ -146,7 +146,8 @@ def run(levels: tuple[int, ...], rounds: int, duration: float, warmup: float, se
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--levels", type=int, nargs="+", default=list(LEVELS))
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--duration", type=float, default=4.0, help="measured seconds per window")

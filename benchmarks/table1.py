@@ -185,7 +185,8 @@ def run(forms: list[str], rows: list[str], batches: list[int], rounds: int, runt
 def main() -> None:
     from ganet.system import usable_cpus
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--forms", nargs="+", default=list(FORMS), choices=list(FORMS))
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])

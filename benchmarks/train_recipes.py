@@ -92,7 +92,8 @@ def run(rounds: int, steps: int, recipe_steps: int, imagenet_batch: int, threads
 def main() -> None:
     from ganet.system import usable_cpus
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--rounds", type=int, default=3, help="rounds of the loop comparison")
     p.add_argument("--steps", type=int, default=4, help="optimizer steps per loop and round")
     p.add_argument("--recipe-steps", type=int, default=3, help="steps timed per recipe")

@@ -240,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "one map per query. The image goes through the checkpoint's own preprocessing (resize, center "
                     "crop), the same as serving; the first column shows that network input.",
         epilog="example: ganet-visualize runs/demo/best.safetensors digit.png -o ga_masks.png",
+        allow_abbrev=False,
     )
     p.add_argument("checkpoint", type=Path, help="a .safetensors checkpoint (ganet-train's best.safetensors)")
     p.add_argument("image", type=Path, help="an image file (JPEG, PNG, ...)")
