@@ -41,13 +41,18 @@ class BatchResult:
 @dataclass
 class _Item:
     image: np.ndarray  # (3, S, S) uint8
-    future: asyncio.Future
-    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future | None  # None for put(): on_done answers instead
+    loop: asyncio.AbstractEventLoop | None
     enqueued: float = field(default_factory=time.perf_counter)
     deadline: float = float("inf")  # perf_counter time
+    on_done: Callable[[BatchResult | None, BaseException | None], None] | None = None
 
 
 def _resolve(item: _Item, result: BatchResult | None, error: BaseException | None) -> None:
+    if item.on_done is not None:
+        item.on_done(result, error)
+        return
+
     def settle() -> None:
         if item.future.done():  # the awaiting request gave up (timeout, disconnect)
             return
@@ -80,14 +85,25 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         item = _Item(image, loop.create_future(), loop)
         item.deadline = item.enqueued + timeout_s
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            raise QueueFullError(f"{self._queue.maxsize} images already wait for inference") from None
+        self._enqueue(item)
         try:
             return await asyncio.wait_for(item.future, timeout_s)
         except TimeoutError:
             raise DeadlineExceededError(f"no result within {timeout_s * 1e3:.0f} ms") from None
+
+    def put(self, image: np.ndarray, timeout_s: float,
+            on_done: Callable[[BatchResult | None, BaseException | None], None]) -> None:
+        """``submit`` without an event loop (the model owner of ``ganet-serve --frontends``): QueueFullError here,
+        else ``on_done(result, error)`` once, in an inference thread (it must not block or raise)."""
+        item = _Item(image, None, None, on_done=on_done)
+        item.deadline = item.enqueued + timeout_s
+        self._enqueue(item)
+
+    def _enqueue(self, item: _Item) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            raise QueueFullError(f"{self._queue.maxsize} images already wait for inference") from None
 
     def _gather(self, first: _Item) -> list[_Item]:
         batch, until = [first], time.perf_counter() + self.max_delay_s
@@ -109,7 +125,7 @@ class DynamicBatcher:
             start = time.perf_counter()
             live = []
             for it in batch:
-                if it.deadline > start and not it.future.done():
+                if it.deadline > start and not (it.future is not None and it.future.done()):
                     live.append(it)
                 else:
                     _resolve(it, None, DeadlineExceededError("deadline passed while queued"))

@@ -1,3 +1,4 @@
+import logging
 import sys
 
 import pytest
@@ -18,6 +19,17 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _service_loggers_restored():
+    """A test that starts the service in-process gets its JSON logging (handlers replaced, propagation off); put the
+    loggers back afterwards so that later tests' ``caplog`` sees their records."""
+    loggers = [logging.getLogger(n) for n in ("ganet.serve", "uvicorn", "uvicorn.error", "uvicorn.access")]
+    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    yield
+    for lg, (handlers, level, propagate) in zip(loggers, saved):
+        lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
 
 
 @pytest.fixture
