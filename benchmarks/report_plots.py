@@ -131,11 +131,11 @@ def scaling_memory(scaling: dict, path: Path) -> Path:
 
 def table1_latency(table1: dict, path: Path) -> Path:
     """Per row, latency over its plain backbone in each runtime, at the largest batch."""
-    batch = str(max(table1["batches"]))
     forms = list(table1["forms"])
     runtimes = [r for r in ("torch", "ort", "ort_fused", "int8", "cuda") if r in table1["runtimes"]]
     fig, axes = _figure(5.2 * len(forms), 4.0, cols=len(forms))
     for ax, form in zip(axes, forms):
+        batch = max(table1["forms"][form]["latency"], key=int)  # the form's largest batch
         by_row = table1["forms"][form]["latency"][batch]
         rows = [r for r in table1["rows"] if any("over_baseline" in e for e in by_row.get(r, {}).values())]
         width = 0.8 / len(runtimes)

@@ -8,7 +8,9 @@ The pieces are ``bench_serve.py``'s: the export (GA-ShuffleNetV2 at 224x224, ran
 generator on raw sockets and the CPU accounting (/proc; the split by thread needs py-spy). Each round measures
 every concurrency level on every server in turn, so machine noise hits all alike; ganet-serve's throughput ratio
 to each baseline is taken per (level, round) and reported as median and spread. A server's CPU is its whole
-process tree (LitServe runs its API servers and workers as child processes).
+process tree (LitServe runs its API servers and workers as child processes). All servers start once; the ones
+not being measured are frozen (SIGSTOP, then SIGCONT for their turn): idle LitServe polls its queues with about a
+third of a core, which would otherwise tax whichever server is measured.
 
     python -m benchmarks.serve_sweep --levels 1 16 --rounds 1 --duration 3    # alone; report.py runs it for the page
 """
@@ -64,7 +66,16 @@ class TreeServer(bench_serve.Server):
                 pass
         return total
 
+    def freeze(self, frozen: bool) -> None:
+        """Stop (or continue) the whole process tree: a frozen server takes no CPU from the one measured."""
+        for pid in (self.proc.pid, *descendants(self.proc.pid)):
+            try:
+                os.kill(pid, signal.SIGSTOP if frozen else signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
     def stop(self) -> None:
+        self.freeze(False)  # a stopped process would hold SIGTERM pending
         children = descendants(self.proc.pid)
         super().stop()
         for pid in children:  # workers the server did not take down with it
@@ -127,6 +138,8 @@ def run(levels: tuple[int, ...], rounds: int, duration: float, warmup: float, se
             for c in levels:
                 args = SimpleNamespace(warmup=warmup, duration=duration, body="multipart", generator_processes=1)
                 for name, server in running.items():
+                    for other in running.values():
+                        other.freeze(other is not server)
                     summary = bench_serve.measure(server, jpeg, args, clients=c)
                     windows[name][c].append(summary)
                     log(f"  round {r + 1}/{rounds}, {c:3d} clients, {LABELS[name]:<20} "

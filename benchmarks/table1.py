@@ -132,14 +132,34 @@ def cuda_runner(model, prep):
     return run
 
 
+def budgeted_times(runners: dict[str, Callable], batch, rounds: int, budget_s: float | None,
+                   min_rounds: int = 3) -> dict[str, list[float]]:
+    """``interleaved_times`` for ``rounds`` rounds, or as many as fit ``budget_s`` (at least ``min_rounds``): the
+    first round (after one warm-up call each) tells how long a round takes. Batch 32 of the ImageNet form costs
+    seconds a round on 2 cores; the page says how many rounds each batch got."""
+    from ganet.export.speed import interleaved_times
+
+    t0 = time.perf_counter()
+    times = interleaved_times(runners, batch, 1, warmup=1)
+    if rounds > 1:
+        if budget_s is not None:
+            per_round = sum(ts[0] for ts in times.values())
+            fit = int((budget_s - (time.perf_counter() - t0)) / per_round) + 1  # the round already run counts
+            rounds = max(min(rounds, min_rounds), min(rounds, fit))
+        for name, ts in interleaved_times(runners, batch, rounds - 1, warmup=0).items():
+            times[name] += ts
+    return times
+
+
 def latency(rows: list[str], form: str, batches: list[int], rounds: int, runtimes: tuple[str, ...], threads: int,
-            workdir: Path, log: Callable[[str], None], export: bool = True) -> dict:
-    """``{batch: {row: {runtime: {"median_ms", "over_baseline": spread, "speedup_vs_torch": spread}}}}``."""
+            workdir: Path, log: Callable[[str], None], export: bool = True,
+            budget_s: float | None = None) -> dict:
+    """``{batch: {row: {runtime: {"median_ms", "over_baseline": spread, "speedup_vs_torch": spread}}}}``; each
+    batch size gets ``rounds`` rounds or as many as fit ``budget_s`` seconds, at least 3."""
     import numpy as np
 
     from _stats import spread
     from ganet.export.parity import photographs
-    from ganet.export.speed import interleaved_times
     from ganet.preprocess import Preprocessing
 
     runners: dict[str, Callable] = {}
@@ -150,7 +170,7 @@ def latency(rows: list[str], form: str, batches: list[int], rounds: int, runtime
     out: dict = {}
     for b in batches:
         t0 = time.perf_counter()
-        times = interleaved_times(runners, np.resize(photos, (b, *photos.shape[1:])), rounds, warmup=1)
+        times = budgeted_times(runners, np.resize(photos, (b, *photos.shape[1:])), rounds, budget_s)
         by_row: dict = {}
         for key, ts in times.items():
             row, runtime = key.split("|")
@@ -163,22 +183,25 @@ def latency(rows: list[str], form: str, batches: list[int], rounds: int, runtime
                 entry["speedup_vs_torch"] = spread([t / o for t, o in zip(times[f"{row}|torch"], ts)])
             by_row.setdefault(row, {})[runtime] = entry
         out[str(b)] = by_row
-        log(f"  {form} batch {b}: {len(runners)} runners x {rounds} rounds in {time.perf_counter() - t0:.0f} s")
+        done = min(len(ts) for ts in times.values()) if times else 0
+        log(f"  {form} batch {b}: {len(runners)} runners x {done} rounds in {time.perf_counter() - t0:.0f} s")
     return out
 
 
 def run(forms: list[str], rows: list[str], batches: list[int], rounds: int, runtimes: tuple[str, ...],
-        threads: int, workdir: Path, log: Callable[[str], None] = print, export: bool = True) -> dict:
+        threads: int, workdir: Path, log: Callable[[str], None] = print, export: bool = True,
+        budget_s: float | None = None) -> dict:
+    """Every form's profile and latency at each of ``batches``."""
     import torch
 
     torch.set_num_threads(threads)
-    result = {"rows": rows, "batches": batches, "rounds": rounds, "runtimes": list(runtimes), "threads": threads,
-              "forms": {}}
+    result = {"rows": rows, "batches": batches, "rounds": rounds, "budget_s": budget_s, "runtimes": list(runtimes),
+              "threads": threads, "forms": {}}
     for form in forms:
         log(f"Table 1, {form} form ({FORMS[form]}x{FORMS[form]}):")
         result["forms"][form] = {"input_size": FORMS[form], "profile": profile(rows, form),
                                  "latency": latency(rows, form, batches, rounds, runtimes, threads, workdir, log,
-                                                    export)}
+                                                    export, budget_s)}
     return result
 
 
@@ -191,12 +214,15 @@ def main() -> None:
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="seconds each batch size may take; fewer rounds (at least 3) where they would not fit")
     p.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=list(RUNTIMES))
     p.add_argument("--threads", type=int, default=usable_cpus())
     p.add_argument("--output", type=Path, default=Path("benchmarks/results/table1.json"))
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="table1.") as tmp:
-        result = run(args.forms, args.rows, args.batches, args.rounds, tuple(args.runtimes), args.threads, Path(tmp))
+        result = run(args.forms, args.rows, args.batches, args.rounds, tuple(args.runtimes), args.threads, Path(tmp),
+                     budget_s=args.budget_s)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.output}")
