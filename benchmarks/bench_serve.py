@@ -1,11 +1,12 @@
 """Serving throughput: ganet-serve (dynamic batching, ONNX Runtime CPU) against naive FastAPI servers.
 
-Targets (issue 5), GA-ShuffleNetV2 at 224x224, 16 concurrent keep-alive clients POSTing a real 640x427 JPEG
+Targets, GA-ShuffleNetV2 at 224x224, 16 concurrent keep-alive clients POSTing a real 640x427 JPEG
 (sklearn's china.jpg, quality 90) to /classify for --duration seconds each:
   * ganet-serve throughput >= 1.4x the naive ONNX Runtime server and >= 8x the naive PyTorch eager server
     (benchmarks/naive_server.py: decode + batch-of-1 inference per request, either in FastAPI's threadpool --
     `ort`, `torch` -- or inline in an async endpoint, as most tutorials write it -- `ort_async`, `torch_async`;
-    the issue's calibration, ~95 and ~15 images/s here, matches neither exactly, so both are measured);
+    the targets were set expecting ~95 and ~15 images/s from the naive servers, which matches neither style
+    exactly, so both are measured);
   * at half of ganet-serve's peak throughput (open loop, Poisson arrivals), p99 latency <= 3x p50;
   * CPU time per image inside ganet-serve, split into HTTP (the event loop: parsing, multipart, routing, JSON,
     logs, metrics), decode and inference, so that the next bottleneck is visible.

@@ -51,6 +51,22 @@ def stand_in(monkeypatch):
     return install
 
 
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`ganet-demo` run once per session (the README's first command): the embedded default trained, exported,
+    served. ``.output`` holds ``best.safetensors`` (the default checkpoint) and ``export/``; ``.result`` is the
+    finished process, ``.elapsed_s`` its wall time. tests/test_preprocess_and_cli.py checks the run; other tests
+    reuse its checkpoint instead of training another."""
+    import subprocess
+    import time
+    from types import SimpleNamespace
+
+    output = tmp_path_factory.mktemp("demo")
+    t0 = time.monotonic()
+    result = subprocess.run(["ganet-demo", "--output", str(output)], capture_output=True, text=True, timeout=900)
+    return SimpleNamespace(output=output, result=result, elapsed_s=time.monotonic() - t0)
+
+
 @pytest.fixture
 def record_gpu_figure():
     """Figures for benchmarks/gpu_checks.sh's results folder: appended to $GANET_GPU_FIGURES (JSON lines) if set."""
