@@ -12,14 +12,16 @@ import logging
 import queue
 import threading
 import time
+from typing import TypeVar
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["QueueFullError", "DeadlineExceededError", "BatchResult", "DynamicBatcher"]
+__all__ = ["QueueFullError", "DeadlineExceededError", "BatchResult", "DynamicBatcher", "gather"]
 
 log = logging.getLogger("ganet.serve")
+T = TypeVar("T")
 
 
 class QueueFullError(RuntimeError):
@@ -105,23 +107,9 @@ class DynamicBatcher:
         except queue.Full:
             raise QueueFullError(f"{self._queue.maxsize} images already wait for inference") from None
 
-    def _gather(self, first: _Item) -> list[_Item]:
-        batch, until = [first], time.perf_counter() + self.max_delay_s
-        while len(batch) < self.max_batch:
-            try:
-                left = until - time.perf_counter()
-                item = self._queue.get_nowait() if left <= 0 else self._queue.get(timeout=left)
-            except queue.Empty:
-                break
-            if item is None:  # stop signal: put it back for the other workers, run what we have
-                self._queue.put(None)
-                break
-            batch.append(item)
-        return batch
-
     def _work(self, backend: Callable[[np.ndarray], np.ndarray]) -> None:
         while (first := self._queue.get()) is not None:
-            batch = self._gather(first)
+            batch = gather(self._queue, first, self.max_batch, self.max_delay_s)
             start = time.perf_counter()
             live = []
             for it in batch:
@@ -152,3 +140,20 @@ class DynamicBatcher:
         self._queue.put(None)
         for t in self._threads:
             t.join(timeout_s)
+
+
+def gather(q: queue.Queue, first: T, max_batch: int, max_delay_s: float) -> list[T]:
+    """``first`` and whatever else ``q`` yields within ``max_delay_s`` of now, up to ``max_batch`` items. A None in
+    the queue is the stop signal: it goes back for the other workers, and the batch so far is returned."""
+    batch, until = [first], time.perf_counter() + max_delay_s
+    while len(batch) < max_batch:
+        try:
+            left = until - time.perf_counter()
+            item = q.get_nowait() if left <= 0 else q.get(timeout=left)
+        except queue.Empty:
+            break
+        if item is None:
+            q.put(None)
+            break
+        batch.append(item)
+    return batch
