@@ -48,6 +48,17 @@ def _errorbar(ax, xs, entries, key: str, **style):
     ax.errorbar(xs, med, yerr=[lo, hi], capsize=2, linewidth=1.5, markersize=4, **style)
 
 
+def _log_size_axes(ax, sizes: list[int], ylabel: str, title: str) -> None:
+    """Log-log axes over the input sizes measured, ticks at those sizes."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.minorticks_off()
+    ax.set_xlabel("input size (pixels per side)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+
+
 def scaling_time(scaling: dict, path: Path) -> Path:
     """The headline: block and network time against the input size, log-log."""
     sizes = scaling["sizes"]
@@ -61,13 +72,7 @@ def scaling_time(scaling: dict, path: Path) -> Path:
             entries = [scaling[key][str(s)][name] for s in sizes]
             _errorbar(ax, sizes, entries, "ms", marker="o", color=COLOURS[name], label=NAMES[name],
                       linestyle="--" if name == "plain" else "-")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xticks(sizes, [str(s) for s in sizes])
-        ax.minorticks_off()
-        ax.set_xlabel("input size (pixels per side)")
-        ax.set_ylabel("ms per forward pass, batch 1")
-        ax.set_title(title, fontsize=10)
+        _log_size_axes(ax, sizes, "ms per forward pass, batch 1", title)
         ax.grid(True, which="major", alpha=0.3)
     # slope guides on the block panel: time proportional to HW and to (HW)^2, through GA's and NL's last points
     last = str(sizes[-1])
@@ -117,13 +122,8 @@ def scaling_memory(scaling: dict, path: Path) -> Path:
             values = [max(memory[kind][name][str(s)], 1) / 2 ** 20 for s in sizes]
             ax.plot(sizes, values, marker="o", color=COLOURS[name], label=NAMES[name],
                     linestyle="--" if name == "plain" else "-")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xticks(sizes, [str(s) for s in sizes])
-        ax.minorticks_off()
-        ax.set_xlabel("input size (pixels per side)")
-        ax.set_ylabel("MiB added at the peak of one pass")
-        ax.set_title(f"peak memory, {'one block at stage 2' if kind == 'block' else 'whole network'}", fontsize=10)
+        _log_size_axes(ax, sizes, "MiB added at the peak of one pass",
+                       f"peak memory, {'one block at stage 2' if kind == 'block' else 'whole network'}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, ncol=2)
     return _save(fig, path)
