@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -79,7 +80,9 @@ KILLED, SURVIVED, TIMEOUT, SUSPICIOUS, SKIPPED, UNTESTED = ("ok_killed", "bad_su
 def runner(target: Target) -> str:
     """The test command for one mutant. mutmut 2 counts only exit status 1 as a kill; a mutant that breaks the
     module's import makes pytest exit 2 (collection error), which is a kill too: any failure becomes 1."""
-    parts = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+    # `timeout` bounds the tests even when mutmut's own timeout fires: it kills `sh`, not pytest under it.
+    parts = ["timeout", "-k", "5", str(TEST_LIMIT_S), sys.executable, "-m", "pytest", "-x", "-q", "-p",
+             "no:cacheprovider"]
     if not target.torch:
         parts.append("--noconftest")
     return "sh -c " + shlex.quote(" ".join(shlex.quote(p) for p in (*parts, *target.tests)) + " || exit 1")
@@ -213,6 +216,31 @@ def enclosing(source: str, line: int) -> str:
 
 # --- running ------------------------------------------------------------------------------------------------------
 
+TEST_LIMIT_S = 300  # one mutant's tests, at most
+STALL_S = 360  # no new verdict in mutmut's cache for this long: mutmut has hung
+ATTEMPTS = 5
+
+
+def _run_until_stalled(command: list[str], tree: Path, env: dict[str, str], log_path: Path) -> int | None:
+    """Run mutmut; its exit status, or None if it was killed for recording no verdict in ``STALL_S``."""
+    cache = tree / ".mutmut-cache"
+    with log_path.open("a") as log:
+        log.write(f"\n=== {datetime.now(timezone.utc).isoformat()} {' '.join(command)}\n")
+        log.flush()
+        proc = subprocess.Popen(command, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        last = time.monotonic()
+        while proc.poll() is None:
+            time.sleep(5)
+            if cache.is_file() and time.time() - cache.stat().st_mtime < STALL_S:
+                last = time.monotonic()
+            elif time.monotonic() - last > STALL_S:
+                os.killpg(proc.pid, signal.SIGKILL)  # mutmut, its workers and their tests
+                proc.wait()
+                return None
+    return proc.returncode
+
+
 def run_module(key: str, fresh: bool, log_dir: Path) -> float:
     target = TARGETS[key]
     tree = WORK / key / "tree"
@@ -227,13 +255,19 @@ def run_module(key: str, fresh: bool, log_dir: Path) -> float:
     command = ["mutmut", "run", "--paths-to-mutate", target.path, "--tests-dir", "tests/", "--runner",
                runner(target), "--no-progress", "--simple-output", "-m", "4", "-b", "30"]
     start = time.perf_counter()
-    with (log_dir / f"{key}.log").open("a") as log:
-        log.write(f"\n=== {datetime.now(timezone.utc).isoformat()} {' '.join(command)}\n")
-        log.flush()
-        result = subprocess.run(command, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
+    for attempt in range(1, ATTEMPTS + 1):
+        returncode = _run_until_stalled(command, tree, env, log_dir / f"{key}.log")
+        if returncode is not None:
+            break
+        # mutmut 2.5.1's cache sometimes loses a row mid-run; its worker dies and `mutmut run` waits for ever.
+        # It resumes from its cache, once the scratch copy is restored (the killed run may have left a mutant in).
+        print(f"mutation: {key} stalled (no verdict for {STALL_S} s); restarting ({attempt}/{ATTEMPTS})", flush=True)
+        sync_tree(tree)
+    else:
+        raise SystemExit(f"mutation: mutmut kept stalling on {key}; see {log_dir / key}.log")
     seconds = time.perf_counter() - start
-    if result.returncode & 1:  # mutmut's "fatal error" bit: the baseline failed, or mutmut itself broke
-        raise SystemExit(f"mutation: mutmut failed on {key} (exit {result.returncode}); see {log_dir / key}.log")
+    if returncode & 1:  # mutmut's "fatal error" bit: the baseline failed, or mutmut itself broke
+        raise SystemExit(f"mutation: mutmut failed on {key} (exit {returncode}); see {log_dir / key}.log")
     print(f"mutation: {key} done in {seconds / 60:.1f} min", flush=True)
     return seconds
 
