@@ -48,10 +48,13 @@ class Target:
 # The one list of what is mutated and which tests judge it.
 TARGETS: dict[str, Target] = {
     "app": Target("serve/app.py",
-                  ("require_api_key", "ServeState.infer", "ServeMiddleware", "warmup_sizes", "CPU_MAX_BATCH",
-                   "load_backends", "_REQUEST_ID"),
+                  ("require_api_key", "ServeState.infer", "deadline_of", "warmup_sizes", "CPU_MAX_BATCH",
+                   "load_backends"),
                   ("tests/test_guard_auth.py", "tests/test_guard_limits.py", "tests/test_guard_batching.py"), False,
-                  "the API key, body-size limit, request ids, overload and deadline answers, the batch cap"),
+                  "the API key, overload and deadline answers, the batch cap"),
+    "middleware": Target("serve/middleware.py", ("_REQUEST_ID", "_json_response", "ServeMiddleware"),
+                         ("tests/test_guard_limits.py", "tests/test_guard_auth.py"), False,
+                         "the body-size limit, request ids, the deadline over the body read, disconnects"),
     "batcher": Target("serve/batcher.py", None, ("tests/test_guard_batching.py",), False,
                       "dynamic batching: the cap, the queue bound, deadlines, failures"),
     "routes_v2": Target("serve/routes_v2.py", ("unpack_bytes", "_parse", "_pixels", "_encoded", "_infer"),
@@ -218,23 +221,27 @@ def enclosing(source: str, line: int) -> str:
 
 TEST_LIMIT_S = 300  # one mutant's tests, at most
 STALL_S = 360  # no new verdict in mutmut's cache for this long: mutmut has hung
-ATTEMPTS = 5
+ATTEMPTS = 20  # the cache fault strikes a few times per module; each restart resumes
 
 
 def _run_until_stalled(command: list[str], tree: Path, env: dict[str, str], log_path: Path) -> int | None:
-    """Run mutmut; its exit status, or None if it was killed for recording no verdict in ``STALL_S``."""
+    """Run mutmut; its exit status, or None if it was killed: its worker died (a traceback from ``check_mutants``
+    in the log), or it recorded no verdict for ``STALL_S``."""
     cache = tree / ".mutmut-cache"
     with log_path.open("a") as log:
         log.write(f"\n=== {datetime.now(timezone.utc).isoformat()} {' '.join(command)}\n")
         log.flush()
+        offset = log.tell()
+        started = time.time()
         proc = subprocess.Popen(command, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
-        last = time.monotonic()
         while proc.poll() is None:
             time.sleep(5)
-            if cache.is_file() and time.time() - cache.stat().st_mtime < STALL_S:
-                last = time.monotonic()
-            elif time.monotonic() - last > STALL_S:
+            with log_path.open() as f:
+                f.seek(offset)
+                worker_died = "Process check_mutants:" in f.read()
+            last = max(started, cache.stat().st_mtime if cache.is_file() else 0.0)
+            if worker_died or time.time() - last > STALL_S:
                 os.killpg(proc.pid, signal.SIGKILL)  # mutmut, its workers and their tests
                 proc.wait()
                 return None
@@ -261,7 +268,7 @@ def run_module(key: str, fresh: bool, log_dir: Path) -> float:
             break
         # mutmut 2.5.1's cache sometimes loses a row mid-run; its worker dies and `mutmut run` waits for ever.
         # It resumes from its cache, once the scratch copy is restored (the killed run may have left a mutant in).
-        print(f"mutation: {key} stalled (no verdict for {STALL_S} s); restarting ({attempt}/{ATTEMPTS})", flush=True)
+        print(f"mutation: {key}: mutmut's worker died or stalled; restarting ({attempt}/{ATTEMPTS})", flush=True)
         sync_tree(tree)
     else:
         raise SystemExit(f"mutation: mutmut kept stalling on {key}; see {log_dir / key}.log")
@@ -446,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     keys = args.module or list(TARGETS)
     minutes: dict[str, float] = {}
     if not args.report:
+        for key in keys:  # a renamed scope stops the run before anything starts, not halfway through
+            scope_lines((ROOT / TARGETS[key].path).read_text(), TARGETS[key].scope)
         log_dir = WORK / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         # The torch-free modules first (seconds a mutant): an interrupted run has measured the most modules.
