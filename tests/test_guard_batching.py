@@ -10,16 +10,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import queue
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+import ganet.serve.batcher as batcher_module
 from ganet.serve.app import create_app
 from ganet.serve.backends import OnnxRuntimeBackend, load_backend
-from ganet.serve.batcher import BatchResult, DeadlineExceededError, DynamicBatcher, QueueFullError
+from ganet.serve.batcher import BatchResult, DeadlineExceededError, DynamicBatcher, QueueFullError, _Item, gather
 from ganet.serve.settings import ServeSettings
 from probe_export import NAME, SIZE, make_probe_export, pixels_of
 
@@ -262,3 +265,158 @@ def test_deadline_message_and_worker_threads():
     finally:
         gate.set()
         batcher.close()
+
+
+def as_logits(batch: np.ndarray) -> np.ndarray:
+    """The probe's answer without ONNX Runtime: each image's pixels as float32 logits."""
+    return batch.reshape(len(batch), -1).astype(np.float32)
+
+
+class Gated:
+    """A backend that answers like the probe once ``gate`` is set; ``entered`` is set when a call has begun."""
+
+    def __init__(self) -> None:
+        self.gate, self.entered, self.calls = threading.Event(), threading.Event(), []
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.calls.append(len(batch))
+        self.entered.set()
+        self.gate.wait(5)
+        return as_logits(batch)
+
+
+def test_the_deadline_message_rounds_to_the_nearest_millisecond():
+    """12.49 ms is said as "12 ms": the seconds times exactly 1000, rounded (a factor 1.001 off would say 13)."""
+    backend = Gated()
+    batcher = DynamicBatcher([backend], max_batch=1, max_delay_us=0, queue_size=4)
+    try:
+        with pytest.raises(DeadlineExceededError) as late:
+            asyncio.run(batcher.submit(images(1)[0], 0.01249))
+        assert str(late.value) == "no result within 12 ms"
+    finally:
+        backend.gate.set()
+        batcher.close()
+
+
+def test_a_batch_whose_every_image_expired_does_not_stop_the_worker():
+    """An image whose deadline passed while the worker was busy is answered "deadline passed while queued" and
+    never run; the batch it leaves empty is skipped, and the worker goes on to answer the image behind it."""
+    backend = Gated()
+    batcher = DynamicBatcher([backend], max_batch=1, max_delay_us=0, queue_size=4)
+    answers: dict[int, list] = {i: [] for i in range(3)}
+    done = threading.Event()
+
+    def on_done_of(i: int):
+        def on_done(result, error) -> None:
+            answers[i].append((result, error))
+            if all(answers.values()):
+                done.set()
+        return on_done
+
+    sent = images(3)
+    try:
+        batcher.put(sent[0], 5.0, on_done_of(0))
+        assert backend.entered.wait(5)  # the worker is inside the backend with image 0
+        batcher.put(sent[1], 0.01, on_done_of(1))  # a batch of its own (max_batch 1), expired when it starts
+        batcher.put(sent[2], 5.0, on_done_of(2))
+        time.sleep(0.05)  # image 1's 10 ms pass while image 0 still runs
+        backend.gate.set()
+        assert done.wait(5), answers  # image 2 too: the worker did not stop at the empty batch
+    finally:
+        backend.gate.set()
+        batcher.close()
+    ((result, error),) = answers[1]
+    assert result is None and type(error) is DeadlineExceededError
+    assert str(error) == "deadline passed while queued"
+    for i in (0, 2):
+        ((result, error),) = answers[i]
+        assert error is None and result.batch_size == 1
+        np.testing.assert_array_equal(pixels_of(result.logits[None]), sent[i:i + 1])
+    assert backend.calls == [1, 1]  # image 1 never ran
+
+
+class CountingQueue(queue.Queue):
+    """A queue that counts its reads, and fails the test rather than be read for ever."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def get(self, block=True, timeout=None):
+        self.reads += 1
+        if self.reads > 50:
+            raise AssertionError("gather keeps reading the queue after the stop signal")
+        return super().get(block, timeout)
+
+
+def test_gather_stops_at_the_stop_signal_and_leaves_it_for_the_other_workers():
+    """A None in the queue ends the batch at once (not after max_delay), with no further read, and goes back into
+    the queue, once, for the next worker."""
+    q = CountingQueue()
+    q.put("b")
+    q.put(None)
+    start = time.perf_counter()
+    assert gather(q, "a", max_batch=4, max_delay_s=30.0) == ["a", "b"]
+    assert time.perf_counter() - start < 5  # did not wait out the 30 s for company
+    assert q.reads == 2 and q.qsize() == 1 and q.get_nowait() is None
+
+
+def test_deadlines_and_times_on_the_batchers_own_clock(monkeypatch):
+    """On a fake clock (1000 s at the batch start, 0.125 s more after the backend call): an image due exactly at the
+    batch start has passed its deadline (it is not run); one due a microsecond later runs. Its result and the
+    metrics callback carry the exact times: queued 0.25 s (enqueued at 999.75), inference 0.125 s.
+
+    ``_work`` runs on this thread (the batcher is made without backends, so no worker starts) and stops at the
+    None after the two images, so the order of events is fixed; its queue counts reads, so a loop that never ends
+    fails instead of hanging."""
+    clock = [1000.0]
+    monkeypatch.setattr(batcher_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    calls = []
+
+    def backend(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        clock[0] += 0.125
+        return as_logits(batch)
+
+    seen = []
+    batcher = DynamicBatcher([], max_batch=4, max_delay_us=0, queue_size=4,
+                             on_batch=lambda n, seconds, queued: seen.append((n, seconds, list(queued))))
+    batcher._queue = CountingQueue()
+    answers = {}
+    sent = images(2)
+    for i, deadline in enumerate((1000.0, 1000.0 + 1e-6)):
+        batcher._queue.put(_Item(sent[i], None, None, enqueued=999.75, deadline=deadline,
+                                 on_done=lambda result, error, i=i: answers.setdefault(i, (result, error))))
+    batcher._queue.put(None)
+    batcher._work(backend)
+    assert calls == [1], calls  # one batch, of the second image only
+    result, error = answers[0]
+    assert result is None and type(error) is DeadlineExceededError and str(error) == "deadline passed while queued"
+    result, error = answers[1]
+    assert error is None
+    assert (result.queue_s, result.inference_s, result.batch_size) == (0.25, 0.125, 1)
+    np.testing.assert_array_equal(pixels_of(result.logits[None]), sent[1:2])
+    assert seen == [(1, 0.125, [0.25])]
+
+
+def test_a_backend_failure_is_logged_once_as_inference_failed(caplog):
+    """The log line an operator greps for: ERROR "inference failed", event ``inference_error``, with the traceback
+    of the backend's exception, which is also each image's answer."""
+    boom = RuntimeError("engine exploded")
+
+    def failing(batch: np.ndarray) -> np.ndarray:
+        raise boom
+
+    answers, done = [], threading.Event()
+    batcher = DynamicBatcher([failing], max_batch=4, max_delay_us=0, queue_size=4)
+    try:
+        with caplog.at_level(logging.ERROR, logger="ganet.serve"):
+            batcher.put(images(1)[0], 5.0, lambda result, error: (answers.append((result, error)), done.set()))
+            assert done.wait(5)
+    finally:
+        batcher.close()
+    assert answers == [(None, boom)]
+    (record,) = [r for r in caplog.records if r.name == "ganet.serve"]
+    assert (record.levelno, record.getMessage(), record.event) == (logging.ERROR, "inference failed",
+                                                                   "inference_error")
+    assert record.exc_info[1] is boom

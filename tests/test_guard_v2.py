@@ -4,6 +4,7 @@ answer with the exact pixels in JSON or in the binary extension."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import struct
@@ -16,7 +17,7 @@ from PIL import Image
 from ganet.serve.app import create_app
 from ganet.serve.backends import load_backend
 from ganet.serve.errors import ServeError
-from ganet.serve.routes_v2 import unpack_bytes
+from ganet.serve.routes_v2 import INLINE_JSON_BYTES, unpack_bytes
 from ganet.serve.settings import ServeSettings
 from probe_export import NAME, SIZE, make_probe_export, pixels_of
 
@@ -257,3 +258,149 @@ def test_echoed_error_text_is_cut_to_its_bound(monkeypatch):
     message = refused(routes._pixels, routes.V2Tensor(name="image", shape=[1, 3, SIZE, SIZE], datatype="UINT8",
                                                       data=[0] * COUNT), None, (3, SIZE, SIZE))[2]
     assert message == f"input 'image': data is not a flat list of numbers (TypeError: {'t' * 200})"
+
+
+# --- exact answers, as a client reads them ---------------------------------------------------------------------
+
+def answer(r) -> tuple[int, str, str]:
+    """(status, code, error) of an error response."""
+    body = r.json()
+    return r.status_code, body["code"], body["error"]
+
+
+BASE64_MESSAGE = "BYTES input in JSON must hold base64-encoded images (or use the binary tensor extension)"
+
+
+@pytest.mark.parametrize("tensor, message", [
+    ({"shape": [1, 2], "data": ["aGk="]},
+     "BYTES input 'image': expected shape [B] or [B, 1] of encoded images, got [1, 2]"),
+    # the count is checked before any element is decoded: one bad element of two declared is still "1 elements"
+    ({"shape": [2], "data": ["not base64!"]}, "BYTES input: shape [2] but 1 elements"),
+    ({"shape": [1]}, "BYTES input: shape [1] but 0 elements"),  # no data at all
+    ({"shape": [1], "data": ["not base64!"]}, BASE64_MESSAGE),
+    ({"shape": [1], "data": [5]}, BASE64_MESSAGE),  # not a string
+])
+def test_bytes_errors_are_exact(client, tensor, message):
+    r = client.post(URL, json={"inputs": [{"name": "image", "datatype": "BYTES", **tensor}]})
+    assert answer(r) == (400, "invalid_tensor", message)
+
+
+def test_binary_bytes_with_fewer_elements_than_the_shape_is_400(client):
+    data = packed(png(10))
+    r = binary_request(client, {"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES",
+                                            "parameters": {"binary_data_size": len(data)}}]}, data)
+    assert answer(r) == (400, "invalid_tensor", "BYTES input: shape [2] but 1 elements")
+
+
+def test_base64_outside_the_alphabet_is_refused_not_skipped(client):
+    """Strict base64: a line break (MIME-style wrapping) or a stray '@' inside an otherwise good PNG is a 400, not
+    silently dropped (which would decode the PNG and answer 200)."""
+    text = base64.b64encode(png(10)).decode()
+
+    def send(data: str):
+        return client.post(URL, json={"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                                  "data": [data]}]})
+
+    r = send(text)
+    assert r.status_code == 200 and (pixels_of(r.json()["outputs"][0]["data"]) == 10).all(), r.text
+    for bad in (text[:40] + "\n" + text[40:], text[:40] + "@" + text[40:], " " + text):
+        assert answer(send(bad)) == (400, "invalid_tensor", BASE64_MESSAGE), repr(bad[:50])
+
+
+def test_fp32_out_of_range_message_is_exact(client):
+    data = [0.0] * COUNT
+    data[5] = 255.5
+    r = client.post(URL, json={"inputs": [uint8(data) | {"datatype": "FP32"}]})
+    assert answer(r) == (400, "invalid_tensor", "input 'image': pixel values must lie in 0..255")
+
+
+def test_compressed_request_message_is_exact(client):
+    r = client.post(URL, content=json.dumps({"inputs": [uint8()]}), headers={"Content-Type": "application/json",
+                                                                             "Content-Encoding": "deflate"})
+    assert answer(r) == (415, "unsupported_media_type", "compressed requests are not accepted; send identity")
+
+
+def test_json_answer_is_exactly_the_protocols_tensor(client):
+    """Without binary_data: true (no output parameters, or an empty dict) the answer is JSON, and its one output is
+    exactly {name, datatype FP32, shape, data}; with it, the header holds the same tensor minus data plus its size."""
+    want = {"model_name": NAME, "model_version": "1", "outputs": [
+        {"name": "logits", "datatype": "FP32", "shape": [1, COUNT], "data": [float(v) for v in range(COUNT)]}]}
+    for outputs in (None, [{"name": "logits"}], [{"name": "logits", "parameters": {}}],
+                    [{"name": "logits", "parameters": {"other": 1}}]):
+        request = {"inputs": [uint8()]} | ({"outputs": outputs} if outputs is not None else {})
+        r = client.post(URL, json=request)
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json", (outputs, r.text)
+        assert r.json() == want, outputs
+    r = client.post(URL, json={"inputs": [uint8()],
+                               "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]})
+    head_length = int(r.headers["inference-header-content-length"])
+    assert json.loads(r.content[:head_length]) == {"model_name": NAME, "model_version": "1", "outputs": [
+        {"name": "logits", "datatype": "FP32", "shape": [1, COUNT], "parameters": {"binary_data_size": 4 * COUNT}}]}
+
+
+# --- large JSON bodies: parsed on a decode thread, inside the decode budget and the request's deadline ----------
+
+def padded(request: dict, size: int) -> bytes:
+    """``request`` as JSON of exactly ``size`` bytes (trailing whitespace, as a pretty-printer leaves)."""
+    text = json.dumps(request).encode()
+    assert len(text) <= size
+    return text + b" " * (size - len(text))
+
+
+def post_json(client, body: bytes):
+    return client.post(URL, content=body, headers={"Content-Type": "application/json"})
+
+
+@pytest.fixture(scope="module")
+def probe_dir(tmp_path_factory):
+    return make_probe_export(tmp_path_factory.mktemp("v2-budget") / "probe")
+
+
+@contextlib.contextmanager
+def served(directory, held: int, **settings):
+    """A client of the probe with ``held`` bytes of its decode budget taken (as by decodes in flight)."""
+    backend, spec = load_backend(directory, "onnxruntime", intra_op_threads=1)
+    app = create_app(ServeSettings(model=directory, warmup=False, workers_decode=1, max_delay_us=0, **settings),
+                     backends=[backend], spec=spec)
+    with TestClient(app) as c:
+        budget = app.state.serve.budget
+        assert budget.try_acquire(held)
+        yield c
+        assert budget.in_use == held  # every reservation of the requests was given back
+        budget.release(held)
+
+
+def test_a_large_json_request_is_answered(client):
+    """A JSON request over INLINE_JSON_BYTES (parsed off the event loop) answers like a small one."""
+    sent = np.arange(2 * COUNT).reshape(2, 3, SIZE, SIZE)
+    request = {"id": "big", "inputs": [{"name": "image", "shape": list(sent.shape), "datatype": "UINT8",
+                                        "data": sent.reshape(-1).tolist()}]}
+    r = post_json(client, padded(request, INLINE_JSON_BYTES + 5000))
+    assert r.status_code == 200, r.text
+    assert r.json()["id"] == "big"
+    np.testing.assert_array_equal(pixels_of(r.json()["outputs"][0]["data"]), sent)
+
+
+def test_json_up_to_the_inline_size_is_parsed_without_the_budget(probe_dir):
+    """With the decode budget (1 MiB, the least allowed) one byte short of what parsing INLINE_JSON_BYTES of JSON
+    reserves (16 bytes per byte: ganet.serve.budget.json_parse_bytes), a body of exactly INLINE_JSON_BYTES is still
+    answered: it is parsed on the event loop, outside the budget. One byte more goes through the budget, which it can
+    never fit: a 413 naming the JSON request."""
+    assert INLINE_JSON_BYTES == 64 * 1024
+    with served(probe_dir, held=1, max_decode_bytes=2**20) as c:
+        request = {"inputs": [uint8()]}
+        r = post_json(c, padded(request, INLINE_JSON_BYTES))
+        assert r.status_code == 200, r.text
+        np.testing.assert_array_equal(r.json()["outputs"][0]["data"], np.arange(COUNT))
+        assert answer(post_json(c, padded(request, INLINE_JSON_BYTES + 1))) == (
+            413, "decode_budget_exceeded", "the JSON request needs about 1 MiB to decode, over the decode budget of "
+                                           "1 MiB (--max-decode-bytes 1048576)")
+
+
+def test_a_large_json_request_waits_for_the_budget_only_until_its_deadline(probe_dir):
+    """A large JSON body whose parse fits the budget but not what is free now waits, until the request's deadline
+    (--timeout-ms from its arrival): then a 504 naming the JSON request."""
+    with served(probe_dir, held=2**20 + 1, max_decode_bytes=2**21, timeout_ms=400) as c:
+        r = post_json(c, padded({"inputs": [uint8()]}, INLINE_JSON_BYTES + 1))
+        assert answer(r) == (504, "deadline_exceeded", "the request's deadline passed while the JSON request waited "
+                                                       "for 1 MiB of the decode budget")
