@@ -69,12 +69,15 @@ def _check_contract(m: Manifest, result: VerifyResult, changed: set[str]) -> Non
     if not onnx_file.is_file() or m.artifact("onnx").file in changed:
         return
     graph = onnx.load(str(onnx_file), load_external_data=False).graph
+    # The serving contract: uint8 pixels in, float32 logits out, whatever precision runs inside.
     for spec, value, dtype in ((m.input, graph.input[0], "uint8"), (m.output, graph.output[0], "float32")):
         shape = tuple(d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim)
         elem = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
         if (spec.name, spec.dtype, spec.shape) != (value.name, elem, shape):
             result.differences.append(f"manifest {spec.name!r}: {spec.dtype} {list(spec.shape)}, model.onnx has "
                                       f"{value.name!r}: {elem} {list(shape)}")
+        if spec.dtype != dtype:
+            result.differences.append(f"manifest {spec.name!r}: {spec.dtype}, the serving contract is {dtype}")
     if m.output.shape[-1] != m.num_classes:
         result.differences.append(f"num_classes: manifest says {m.num_classes}, its output shape {list(m.output.shape)}")
     if m.input.shape[-1] != m.preprocessing.input_size:
