@@ -25,8 +25,9 @@ class TrainConfig:
     # What to train on what
     model: str = _opt("ga_shufflenet_v2_cifar", "registered model name (see ganet-profile)")
     data: str = _opt("digits", "data set: digits (scikit-learn's bundled handwritten digits, no download), cifar10, "
-                               "cifar100 (torchvision's on-disk format in --data-dir) or imagefolder "
-                               "(--data-dir/train/<class>/*.jpg and --data-dir/val/<class>/*.jpg)")
+                               "cifar100 (torchvision's on-disk format in --data-dir), imagefolder "
+                               "(--data-dir/train/<class>/*.jpg and --data-dir/val/<class>/*.jpg) or same-different "
+                               "(generated: are two distant glyphs the same? needs --input-size 32)")
     data_dir: str = _opt("data", "where cifar10/cifar100/imagefolder data live")
     download: bool = _opt(False, "download CIFAR into --data-dir if it is missing (never done unless asked)")
     strict: bool = _opt(False, "stop at the first corrupt image of an image folder instead of skipping and counting")
