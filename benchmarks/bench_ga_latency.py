@@ -84,7 +84,8 @@ def bench_size(size: int, batch: int, rounds: int, channels_last: bool, with_ref
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 224], choices=[32, 224])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds per size (default 30)")

@@ -182,7 +182,8 @@ def timing(photo: Image.Image, prep: Preprocessing, sizes: list[tuple[int, int]]
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--checkpoint", type=Path, help="a trained 224x224 checkpoint (default: calibrated random init)")
     p.add_argument("--margins", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0],
                    help="reduced shorter side >= margin x resize_size (serve/images.py uses %(default)s)")

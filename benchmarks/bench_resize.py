@@ -37,7 +37,8 @@ def cpu_ms(fn, img: Image.Image, prep: Preprocessing, repeat: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--size", type=int, default=224, help="network input size (resize = size * 256 / 224)")
     p.add_argument("--rounds", type=int, default=10, help="interleaved rounds per photo (default 10)")
     p.add_argument("--repeat", type=int, default=30, help="calls per timing (default 30)")

@@ -22,6 +22,10 @@ to the wall-time sums of ganet-serve's Prometheus /metrics.
     python benchmarks/bench_serve.py --servers ours,ort --serve-arg=--precision=int8   # exports INT8 too
     python benchmarks/bench_serve.py --servers ours,torch,torch_async --torch-device cuda \
         --serve-arg=--backend=torch --serve-arg=--device=cuda                     # on a GPU: PyTorch on both sides
+    python benchmarks/bench_serve.py --servers ours --checkpoint-only --clients 64,128,256 \
+        --generator-processes 4 --serve-arg=--backend=torch --serve-arg=--max-batch=256   # GPU serving at scale
+
+On a GPU host each window also samples the GPU's utilisation through NVML (nvidia-ml-py) every 100 ms.
 
 Writes benchmarks/results/serve_<date>.json.
 """
@@ -71,8 +75,9 @@ def serve_precision(serve_args: list[str]) -> str:
     return ServeSettings(**{k: v for k, v in given.items() if v is not None}).precision
 
 
-def make_export(tmp: Path, max_batch: int, int8: bool = False) -> tuple[Path, Path]:
-    """A ga_shufflenet_v2 checkpoint (1000 classes, random init) and its ganet-export directory (+ INT8)."""
+def make_export(tmp: Path, max_batch: int, int8: bool = False, export: bool = True) -> tuple[Path, Path | None]:
+    """A ga_shufflenet_v2 checkpoint (1000 classes, random init) and its ganet-export directory (+ INT8; None
+    without ``export``: the torch backend serves the checkpoint itself)."""
     import torch
 
     from ganet.checkpoint import save_checkpoint
@@ -84,6 +89,8 @@ def make_export(tmp: Path, max_batch: int, int8: bool = False) -> tuple[Path, Pa
     model = create_model("ga_shufflenet_v2").eval()
     checkpoint = save_checkpoint(tmp / "ga.safetensors", model, "ga_shufflenet_v2", [f"class_{i}" for i in range(1000)],
                                  Preprocessing.for_input_size(224))
+    if not export:
+        return checkpoint, None
     export = export_checkpoint(checkpoint, ExportOptions(output=tmp / "export", max_batch=max_batch, int8=int8,
                                                          benchmark_rounds=0), log=lambda *a, **k: None)
     return checkpoint, export
@@ -196,7 +203,8 @@ class LoadResult:
                 "latency_ms": {"p50": pct(0.50), "p90": pct(0.90), "p99": pct(0.99), "max": lat[-1] * 1e3 if lat
                                else float("nan"), "mean": statistics.fmean(lat) * 1e3 if lat else float("nan")},
                 "images_per_s_each_second": spread(self.per_second) if self.per_second else None,
-                "generator_cpu_ms_per_request": self.generator_cpu_s / max(sent, 1) * 1e3}
+                "generator_cpu_ms_per_request": self.generator_cpu_s / max(sent, 1) * 1e3,
+                "generator_cores": self.generator_cpu_s / self.duration_s}
 
 
 def _record(result: LoadResult, t0: float, t1: float, sent: float, done: float, status: int) -> None:
@@ -217,9 +225,11 @@ def _cpu_self() -> float:
     return r.ru_utime + r.ru_stime
 
 
-async def closed_loop(port: int, request: bytes, clients: int, warmup_s: float, duration_s: float) -> LoadResult:
-    """`clients` connections, each sending its next request as soon as the last one is answered."""
-    t0 = clock() + warmup_s
+async def closed_loop(port: int, request: bytes, clients: int, warmup_s: float, duration_s: float,
+                      t0: float | None = None) -> LoadResult:
+    """`clients` connections, each sending its next request as soon as the last one is answered (measured from
+    `t0`, a perf_counter time -- CLOCK_MONOTONIC, the same in every process --, default now + `warmup_s`)."""
+    t0 = clock() + warmup_s if t0 is None else t0
     t1 = t0 + duration_s
     result = LoadResult(duration_s, per_second=[0] * math.ceil(duration_s))
     cpu = [0.0, 0.0]
@@ -286,6 +296,48 @@ async def open_loop(port: int, request: bytes, rate: float, warmup_s: float, dur
     for w in opened:
         w.close()
     return result
+
+
+def _closed_loop_process(port: int, request: bytes, clients: int, t0: float, duration_s: float) -> LoadResult:
+    return run_load(closed_loop(port, request, clients, 0.0, duration_s, t0))
+
+
+def closed_loop_processes(port: int, request: bytes, clients: int, warmup_s: float, duration_s: float,
+                          processes: int) -> LoadResult:
+    """The closed loop split over `processes` generator processes (clients spread evenly), merged: one Python
+    process tops out at a few thousand requests per second, which a GPU server can exceed."""
+    if processes <= 1:
+        return run_load(closed_loop(port, request, clients, warmup_s, duration_s))
+    import multiprocessing
+
+    t0 = clock() + warmup_s  # the workers start within the warm-up (a fork each)
+    shares = [clients // processes + (i < clients % processes) for i in range(processes)]
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        parts = pool.starmap(_closed_loop_process, [(port, request, n, t0, duration_s) for n in shares if n])
+    merged = LoadResult(duration_s, per_second=[0] * math.ceil(duration_s))
+    for part in parts:
+        merged.latencies_s += part.latencies_s
+        merged.per_second = [a + b for a, b in zip(merged.per_second, part.per_second)]
+        merged.generator_cpu_s += part.generator_cpu_s
+        for status, n in part.errors.items():
+            merged.errors[status] = merged.errors.get(status, 0) + n
+    return merged
+
+
+def gpu_sampler(stop: "threading.Event", delay_s: float, out: list[float], interval_s: float = 0.1) -> None:
+    """GPU utilisation (%) of device 0 every `interval_s` after `delay_s`, into `out`, until `stop` is set; nothing
+    without NVML or a GPU."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    except Exception:
+        return
+    if stop.wait(delay_s):
+        return
+    while not stop.wait(interval_s):
+        out.append(float(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu))
 
 
 def run_load(coro) -> LoadResult:
@@ -418,10 +470,12 @@ def ceiling(s: dict) -> float:
     return (os.cpu_count() or 1) * 1e3 / cpu_ms
 
 
-def measure(server: Server, jpeg: bytes, args: argparse.Namespace) -> dict:
-    """One closed-loop window; server CPU (and, for ganet-serve, the split) sampled at the window's edges."""
+def measure(server: Server, jpeg: bytes, args: argparse.Namespace, clients: int | None = None) -> dict:
+    """One closed-loop window; server CPU (and, for ganet-serve, the split) sampled at the window's edges, and the
+    GPU's utilisation through the window where NVML sees one."""
     import threading
 
+    clients = clients or args.client_levels[0]
     metrics = server.name == "ours"  # only ganet-serve has /metrics and named threads
     request = http_request(server.port, jpeg, args.body)
     edges: dict[str, dict] = {}
@@ -433,9 +487,17 @@ def measure(server: Server, jpeg: bytes, args: argparse.Namespace) -> dict:
     timer = threading.Thread(target=lambda: (sample("before", args.warmup), sample("after", args.duration)),
                              daemon=True)
     timer.start()
-    load = run_load(closed_loop(server.port, request, args.clients, args.warmup, args.duration))
+    stop, utilisation = threading.Event(), []
+    sampler = threading.Thread(target=gpu_sampler, args=(stop, args.warmup, utilisation), daemon=True)
+    sampler.start()
+    load = closed_loop_processes(server.port, request, clients, args.warmup, args.duration, args.generator_processes)
+    stop.set()
     timer.join()
+    sampler.join()
     summary = load.summary()
+    summary["clients"] = clients
+    if utilisation:
+        summary["gpu_utilization_pct"] = spread(utilisation) | {"samples": len(utilisation)}
     before, after = edges["before"], edges["after"]
     summary["server_cpu_ms_per_image"] = (after["process_cpu_s"] - before["process_cpu_s"]) / max(load.ok, 1) * 1e3
     if metrics:  # without py-spy, thread_names is None and the split falls back to /metrics wall times
@@ -454,11 +516,17 @@ def combine(rounds: list[dict]) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--duration", type=float, default=15.0, help="measured seconds per server (default 15)")
     p.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds of load before each window")
     p.add_argument("--rounds", type=int, default=2, help="interleaved windows per server (default 2)")
-    p.add_argument("--clients", type=int, default=16, help="concurrent keep-alive connections (default 16)")
+    p.add_argument("--clients", default="16", help="concurrent keep-alive connections (default 16); a comma-separated "
+                   "list measures each level in turn, and the headline is the level with the most images/s")
+    p.add_argument("--generator-processes", type=int, default=1, help="load generator processes sharing the clients "
+                   "(default 1; a GPU server can outrun one Python process)")
+    p.add_argument("--checkpoint-only", action="store_true", help="no ganet-export: serve the checkpoint (torch "
+                   "backend and the naive PyTorch servers only; skips the export's minute of CPU)")
     p.add_argument("--servers", default="ours,ort,torch,ort_async,torch_async",
                    help="comma-separated subset of ours, ort, torch (naive, threadpool endpoint), ort_async, "
                         "torch_async (naive, async endpoint calling the model inline)")
@@ -475,7 +543,10 @@ def main() -> None:
     p.add_argument("--export", type=Path, help="reuse this export directory (its manifest names its checkpoint)")
     p.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/serve_<date>.json)")
     args = p.parse_args()
+    args.client_levels = [int(c) for c in args.clients.split(",")]
     servers = args.servers.split(",")
+    if args.checkpoint_only and set(servers) - {"ours", "torch", "torch_async"}:
+        p.error("--checkpoint-only: the naive ONNX Runtime servers need the export; use --servers ours,torch,...")
     if args.body == "raw" and set(servers) - {"ours"}:
         p.error("--body raw: only ganet-serve reads a raw body; use --servers ours")
 
@@ -487,12 +558,14 @@ def main() -> None:
 
             export, checkpoint = args.export, Path(load_manifest(args.export).checkpoint["path"])
         else:
-            checkpoint, export = make_export(tmp, args.max_batch, int8=serve_precision(args.serve_arg) == "int8")
+            checkpoint, export = make_export(tmp, args.max_batch, int8=serve_precision(args.serve_arg) == "int8",
+                                             export=not args.checkpoint_only)
         print(f"export ready in {time.perf_counter() - start_s:.0f} s: {export}", flush=True)
         jpeg = china_jpeg(args.quality)
         results: dict = {"host": {"cpu_count": os.cpu_count(), "machine": platform.machine(), "gpu": gpu_name(),
                                   "python": platform.python_version(), "loadavg_before": os.getloadavg()},
-                         "config": {"duration_s": args.duration, "warmup_s": args.warmup, "clients": args.clients,
+                         "config": {"duration_s": args.duration, "warmup_s": args.warmup,
+                                    "clients": args.client_levels, "generator_processes": args.generator_processes,
                                     "body": args.body, "jpeg_bytes": len(jpeg), "image": "sklearn china.jpg 640x427",
                                     "quality": args.quality, "max_batch": args.max_batch,
                                     "serve_args": args.serve_arg, "torch_device": args.torch_device,
@@ -500,9 +573,10 @@ def main() -> None:
                          "servers": {}, "targets": TARGETS}
         py = sys.executable
         commands = {
-            "ours": ([py, str(Path(py).parent / "ganet-serve"), str(export), *args.serve_arg], "/v2/health/ready"),
+            "ours": ([py, str(Path(py).parent / "ganet-serve"), str(export or checkpoint), *args.serve_arg],
+                     "/v2/health/ready"),
             "ort": ([py, "benchmarks/naive_server.py", "--runtime", "onnxruntime", "--model",
-                     str(export / "model.onnx"), "--checkpoint", str(checkpoint)], "/health"),
+                     str((export or tmp) / "model.onnx"), "--checkpoint", str(checkpoint)], "/health"),
             "torch": ([py, "benchmarks/naive_server.py", "--runtime", "torch", "--model", str(checkpoint),
                        "--device", args.torch_device], "/health"),
         }
@@ -514,14 +588,17 @@ def main() -> None:
                 argv, ready = commands[name]
                 running[name] = start(name, argv, ready, tmp)
             results["same_answers"] = same_answers(running, jpeg)
-            rounds: dict[str, list[dict]] = {name: [] for name in servers}
-            for r in range(args.rounds):
-                for name, server in running.items():
-                    summary = measure(server, jpeg, args)
-                    rounds[name].append(summary)
-                    print(row(f"{name} round {r + 1}", summary), flush=True)
+            rounds: dict[tuple[str, int], list[dict]] = {(n, c): [] for n in servers for c in args.client_levels}
+            for clients in args.client_levels:
+                for r in range(args.rounds):
+                    for name, server in running.items():
+                        summary = measure(server, jpeg, args, clients)
+                        rounds[name, clients].append(summary)
+                        print(row(f"{name} x{clients} round {r + 1}", summary), flush=True)
             for name in servers:
-                results["servers"][name] = combine(rounds[name])
+                levels = {c: combine(rounds[name, c]) for c in args.client_levels}
+                best = max(levels, key=lambda c: levels[c]["images_per_s"])
+                results["servers"][name] = levels[best] | ({"by_clients": levels} if len(levels) > 1 else {})
             if "ours" in running and not args.no_open_loop:
                 server = running["ours"]
                 rate = results["servers"]["ours"]["images_per_s"] / 2
@@ -554,7 +631,7 @@ def report(results: dict, args: argparse.Namespace) -> None:
     results["ratios"] = ratios
     results["host"]["loadavg_after"] = os.getloadavg()
 
-    print(f"\n{args.clients} clients, {args.duration:g} s each, {args.body} POST of a {results['config']['jpeg_bytes']}"
+    print(f"\n{args.clients} clients ({args.generator_processes} generator processes), {args.duration:g} s each, {args.body} POST of a {results['config']['jpeg_bytes']}"
           f"-byte 640x427 JPEG; images/s: over the window, and median [min, max] of its 1-s bins")
     print(f"{'server':<22}{'img/s':>9}{'median':>9}  [ min,   max]{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
           f"{'srv CPU':>10}{'gen CPU':>9}{'ceiling':>9}")
@@ -578,6 +655,16 @@ def report(results: dict, args: argparse.Namespace) -> None:
         ok = value <= target if key.startswith("p99") else value >= target
         print(f"{key:<28}{value:6.2f}   target {'<=' if key.startswith('p99') else '>='} {target}  "
               f"{'ok' if ok else 'MISSED'}")
+    ours = s.get("ours", {})
+    for clients, level in ours.get("by_clients", {}).items():
+        gpu = level.get("gpu_utilization_pct")
+        print(f"ganet-serve x{clients:<5} {level['images_per_s']:9.1f} images/s  p50 {level['latency_ms']['p50']:.1f} "
+              f"p99 {level['latency_ms']['p99']:.1f} ms  server CPU {level['server_cpu_ms_per_image']:.2f} ms/image  "
+              f"generator {level['generator_cores']:.2f} cores" + (f"  GPU {gpu['median']:.0f}% (median)" if gpu else ""))
+    if ours.get("gpu_utilization_pct"):
+        g = ours["gpu_utilization_pct"]
+        print(f"GPU utilisation at the peak (NVML, every 100 ms): median {g['median']:.0f}%, [{g['min']:.0f}, "
+              f"{g['max']:.0f}]%")
     split = s.get("ours", {}).get("cpu_split")
     if split:
         cpu, wall = split["cpu_ms"], split["wall_ms"]

@@ -55,7 +55,8 @@ def ours(split: DataSplit, cfg: TrainConfig) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--model", default="ga_shufflenet_v2_cifar")
     parser.add_argument("--classes", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=64)

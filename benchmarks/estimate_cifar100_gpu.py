@@ -65,7 +65,8 @@ def activation_bytes(model: nn.Module, x: torch.Tensor, bytes_per_value: int) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--model", default=PRESETS["cifar100"]["model"])
     parser.add_argument("--steps", type=int, default=10, help="CPU steps timed")
     parser.add_argument("--gpu-name", default="H100 SXM")

@@ -80,7 +80,8 @@ def create_app(run: Callable[[np.ndarray], np.ndarray], prep: Preprocessing, lab
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--runtime", choices=["onnxruntime", "torch"], required=True)
     p.add_argument("--model", required=True, help="model.onnx of an export (onnxruntime) or a .safetensors checkpoint")
     p.add_argument("--checkpoint", help="onnxruntime: the checkpoint to read labels and preprocessing from")

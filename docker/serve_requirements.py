@@ -69,7 +69,7 @@ def serve_requirements(pyproject: Path, extras: tuple[str, ...] = ("serve",), or
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     p.add_argument("pyproject", type=Path)
     p.add_argument("--extra", action="append", help="extras to include (default: serve)")
     p.add_argument("--ort", default=ORT, help="ONNX Runtime package: onnxruntime (CPU) or onnxruntime-gpu")

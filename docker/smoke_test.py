@@ -73,7 +73,7 @@ def _post_multipart(url: str, filename: str, data: bytes, content_type: str) -> 
 
 
 def _default_photo() -> bytes:
-    """scikit-learn's china.jpg (427x640 JPEG, ships with the package) as encoded bytes."""
+    """scikit-learn's china.jpg (640x427 JPEG, ships with the package) as encoded bytes."""
     try:
         import sklearn.datasets
     except ImportError:
@@ -210,6 +210,7 @@ def _from_log(logs: subprocess.CompletedProcess, event: str, field: str) -> str 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+                                allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("export", type=Path, help="export directory from ganet-export (mounted at /models/model)")
     p.add_argument("--image", default="localhost/ganet-serve:latest", help="image to run (default: %(default)s)")

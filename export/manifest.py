@@ -29,13 +29,16 @@ from typing import Any
 from ganet._io import FileProblemError
 from ganet.preprocess import Preprocessing
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST_FILE", "ARTIFACT_KINDS", "ManifestError", "TensorSpec", "Artifact",
-           "FileEntry", "Manifest", "load_manifest", "sha256_file", "hash_directory"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST_FILE", "ARTIFACT_KINDS", "DEFAULT_OPSET", "ManifestError",
+           "TensorSpec", "Artifact", "FileEntry", "Manifest", "load_manifest", "sha256_file", "hash_directory"]
 
 FORMAT = "ganet.export"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 ARTIFACT_KINDS = ("onnx", "onnx_fused", "onnx_int8", "tensorrt")
+# Opset 18: ReduceMean takes its axes as an input, parsed by TensorRT >= 8.6 and every ONNX Runtime since 1.14.
+# (Here, torch-free, so that ganet-export --help answers without importing the exporter.)
+DEFAULT_OPSET = 18
 
 
 class ManifestError(FileProblemError):

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from ganet.export.manifest import DEFAULT_OPSET
 from ganet.layers.group_attention import graph_mode
 from ganet.preprocess import Preprocessing
 
@@ -28,8 +29,6 @@ INPUT_NAME, OUTPUT_NAME, BATCH_AXIS = "image", "logits", "batch"
 # torch.export-based exporter (dynamo=True): the maintained one in torch 2.x; its graphs carry no Shape/Gather
 # chains for the static dims and run ~30% faster at batch 1 in ONNX Runtime than the TorchScript exporter's.
 DYNAMO = True
-# Opset 18: ReduceMean takes its axes as an input, parsed by TensorRT >= 8.6 and every ONNX Runtime since 1.14.
-DEFAULT_OPSET = 18
 EXPORT_BATCH = 2  # >= 2, so that nothing in the trace specialises on a batch of one
 
 

@@ -2,7 +2,8 @@
 
 Reference: the checkpoint's model in fp32 on the CPU, fed the same uint8 batch normalised in torch as
 ``(x / 255 - mean) / std``. Inputs: photographs that ship with scikit-learn and scikit-image, and the held-out images
-of the checkpoint's data set where ganet knows it (the digits), all through :func:`ganet.preprocess.image_to_uint8`.
+of the checkpoint's data set where this machine reaches it (:mod:`ganet.export.data`), all through
+:func:`ganet.preprocess.image_to_uint8`.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 from ganet.preprocess import Preprocessing, image_to_uint8, normalize_uint8
 
 __all__ = ["ParityInputs", "ParityResult", "ParityError", "TOLERANCES", "tolerances", "photo_arrays", "photographs",
-           "digits_images", "dataset_of", "failure_message", "parity_inputs", "torch_reference", "compare", "run_parity", "ort_session", "ort_runner"]
+           "digits_images", "failure_message", "torch_reference", "compare", "run_parity", "ort_session", "ort_runner"]
 
 # What "parity" means per artifact kind (the issue's numbers).
 TOLERANCES = {"onnx": {"max_abs": 1e-4, "top1_agreement": 1.0},
@@ -86,25 +87,6 @@ def digits_images(prep: Preprocessing, split: str = "val", limit: int | None = N
     hwc = part.images[:n].permute(0, 2, 3, 1).numpy()  # (N, 8, 8, 3) uint8
     images = np.stack([image_to_uint8(Image.fromarray(a), prep) for a in hwc])
     return ParityInputs(images, [f"digits-{split}:{i}" for i in range(n)], part.targets[:n].numpy())
-
-
-def dataset_of(extra: dict[str, Any], prep: Preprocessing) -> str | None:
-    """The checkpoint's data set when ganet can load it here: ``extra["data"]``, or the digits' statistics."""
-    from ganet.train.data import DIGITS_MEAN, DIGITS_STD
-
-    name = extra.get("data") or extra.get("dataset")
-    if name is None and prep.mean == DIGITS_MEAN and prep.std == DIGITS_STD:
-        name = "digits"
-    return name if name == "digits" else None
-
-
-def parity_inputs(prep: Preprocessing, dataset: str | None) -> ParityInputs:
-    """Photographs, plus the data set's held-out images when ``dataset`` is one ganet can load offline."""
-    inputs = photographs(prep)
-    if dataset == "digits":
-        held_out = digits_images(prep, "val")
-        inputs = ParityInputs(np.concatenate([inputs.images, held_out.images]), inputs.names + held_out.names)
-    return inputs
 
 
 def torch_reference(model: Any, prep: Preprocessing, images: np.ndarray, batch_size: int = 64) -> np.ndarray:

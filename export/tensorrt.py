@@ -29,8 +29,6 @@ __all__ = ["TensorRTUnavailableError", "TensorRTBuildError", "EngineMismatchErro
            "build_engine", "current_engine_environment", "engine_mismatches", "check_engine_compatible",
            "TensorRTRunner"]
 
-INSTALL_HINT = ("install it on a host with an NVIDIA GPU: `pip install tensorrt-cu12 cuda-python` (or `pip install "
-                "tensorrt`, matching your CUDA major version)")
 REBUILD_HINT = "rebuild it with `ganet-export --trt` on this machine"
 WORKSPACE_BYTES = 1 << 30
 
@@ -47,11 +45,29 @@ class EngineMismatchError(RuntimeError):
     """A serialized engine was built for another TensorRT version or GPU architecture."""
 
 
+def install_command() -> str:
+    """The pip command for TensorRT and cuda-python matching this host's CUDA major version, read from torch where
+    it is already imported (never imported here: a serving host may have none); both majors where it is unknown."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    cuda = getattr(getattr(torch, "version", None), "cuda", None)
+    if isinstance(cuda, str) and cuda.split(".")[0].isdecimal():
+        major = int(cuda.split(".")[0])
+        return f"pip install tensorrt-cu{major} 'cuda-python>={major},<{major + 1}'"
+    return ("pip install tensorrt-cu12 'cuda-python>=12,<13' (CUDA 12) or pip install tensorrt-cu13 "
+            "'cuda-python>=13,<14' (CUDA 13)")
+
+
+def install_hint() -> str:
+    return f"install it on a host with an NVIDIA GPU: {install_command()}"
+
+
 def _import_tensorrt():
     try:
         import tensorrt as trt
     except ImportError as e:
-        raise TensorRTUnavailableError(f"TensorRT is not installed ({e}); {INSTALL_HINT}") from None
+        raise TensorRTUnavailableError(f"TensorRT is not installed ({e}); {install_hint()}") from None
     return trt
 
 
@@ -62,7 +78,7 @@ def _import_cudart():
         try:
             from cuda import cudart  # older cuda-python
         except ImportError as e:
-            raise TensorRTUnavailableError(f"cuda-python is not installed ({e}); {INSTALL_HINT}") from None
+            raise TensorRTUnavailableError(f"cuda-python is not installed ({e}); {install_hint()}") from None
     return cudart
 
 
@@ -293,14 +309,16 @@ class TensorRTRunner:
     """A deserialised engine with one execution context, pinned host buffers and one CUDA stream.
 
     ``runner(images)`` takes uint8 images (B, 3, S, S), 1 <= B <= the engine's max batch, and returns float32
-    logits (B, num_classes). Not thread-safe: give each serving worker its own runner.
+    logits (B, num_classes). Not thread-safe: give each serving worker its own runner. ``host_in``/``host_out``
+    (page-locked, max batch rows), ``dev_in``/``dev_out`` (device pointers) and ``stream`` are what
+    ``ganet.serve.trt_graphs`` records its CUDA graphs around.
     """
 
     def __init__(self, plan_path: str | os.PathLike, engine_info: dict[str, Any]) -> None:
         check_engine_compatible(engine_info)  # before deserialising: a foreign plan can crash the process
         trt = _import_tensorrt()
-        self._cudart = cudart = _import_cudart()
-        self._trt = trt
+        self.cudart = cudart = _import_cudart()
+        self.trt = trt
         self._buffers: list[tuple[str, int]] = []  # (kind, pointer) to free
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
@@ -322,30 +340,47 @@ class TensorRTRunner:
         self.context.set_input_shape(self.input_name, tuple(max_shape))
         self.num_classes = int(self.context.get_tensor_shape(self.output_name)[1])
 
-        self._stream = _cuda(cudart.cudaStreamCreate())
-        self._host_in = self._pinned((self.max_batch, *self.sample_shape), self.input_dtype)
-        self._host_out = self._pinned((self.max_batch, self.num_classes), self.output_dtype)
-        self._dev_in = self._device(self._host_in.nbytes)
-        self._dev_out = self._device(self._host_out.nbytes)
-        self.context.set_tensor_address(self.input_name, self._dev_in)
-        self.context.set_tensor_address(self.output_name, self._dev_out)
+        self.stream = _cuda(cudart.cudaStreamCreate())
+        self.host_in = self._pinned((self.max_batch, *self.sample_shape), self.input_dtype)
+        self.host_out = self._pinned((self.max_batch, self.num_classes), self.output_dtype)
+        self.dev_in = self._device(self.host_in.nbytes)
+        self.dev_out = self._device(self.host_out.nbytes)
+        self.context.set_tensor_address(self.input_name, self.dev_in)
+        self.context.set_tensor_address(self.output_name, self.dev_out)
 
     def _pinned(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """A NumPy array in page-locked host memory, so that the async copies really are asynchronous."""
         import ctypes
 
         nbytes = int(np.prod(shape)) * dtype.itemsize
-        ptr = _cuda(self._cudart.cudaMallocHost(nbytes))
+        ptr = _cuda(self.cudart.cudaMallocHost(nbytes))
         self._buffers.append(("host", ptr))
         raw = (ctypes.c_byte * nbytes).from_address(int(ptr))
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
     def _device(self, nbytes: int) -> int:
-        ptr = _cuda(self._cudart.cudaMalloc(nbytes))
+        ptr = _cuda(self.cudart.cudaMalloc(nbytes))
         self._buffers.append(("device", ptr))
         return int(ptr)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
+        self.check(images)
+        batch = images.shape[0]
+        cudart = self.cudart
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        np.copyto(self.host_in[:batch], images)
+        in_bytes, out_bytes = self.host_in[:batch].nbytes, self.host_out[:batch].nbytes
+        _cuda(cudart.cudaMemcpyAsync(self.dev_in, self.host_in.ctypes.data, in_bytes, h2d, self.stream))
+        if not self.context.set_input_shape(self.input_name, (batch, *self.sample_shape)):
+            raise RuntimeError(f"TensorRT refused input shape {(batch, *self.sample_shape)}")
+        if not self.context.execute_async_v3(int(self.stream)):
+            raise RuntimeError("TensorRT execute_async_v3 failed; see the TensorRT log")
+        _cuda(cudart.cudaMemcpyAsync(self.host_out.ctypes.data, self.dev_out, out_bytes, d2h, self.stream))
+        _cuda(cudart.cudaStreamSynchronize(self.stream))
+        return self.host_out[:batch].astype(np.float32, copy=True)
+
+    def check(self, images: np.ndarray) -> None:
+        """Raise ValueError unless ``images`` is what the engine takes: (B, 3, S, S) of its dtype, B in its range."""
         if not isinstance(images, np.ndarray):
             raise ValueError(f"TensorRTRunner expects a numpy array, got {type(images).__name__}")
         if images.dtype != self.input_dtype:
@@ -356,30 +391,18 @@ class TensorRTRunner:
         batch = images.shape[0]
         if not self.min_batch <= batch <= self.max_batch:
             raise ValueError(f"batch size {batch} is outside the engine's range {self.min_batch}..{self.max_batch}")
-        cudart = self._cudart
-        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        np.copyto(self._host_in[:batch], images)
-        in_bytes, out_bytes = self._host_in[:batch].nbytes, self._host_out[:batch].nbytes
-        _cuda(cudart.cudaMemcpyAsync(self._dev_in, self._host_in.ctypes.data, in_bytes, h2d, self._stream))
-        if not self.context.set_input_shape(self.input_name, (batch, *self.sample_shape)):
-            raise RuntimeError(f"TensorRT refused input shape {(batch, *self.sample_shape)}")
-        if not self.context.execute_async_v3(int(self._stream)):
-            raise RuntimeError("TensorRT execute_async_v3 failed; see the TensorRT log")
-        _cuda(cudart.cudaMemcpyAsync(self._host_out.ctypes.data, self._dev_out, out_bytes, d2h, self._stream))
-        _cuda(cudart.cudaStreamSynchronize(self._stream))
-        return self._host_out[:batch].astype(np.float32, copy=True)
 
     def close(self) -> None:
         """Free the CUDA buffers and the stream (also done when the runner is garbage-collected)."""
-        cudart = getattr(self, "_cudart", None)
+        cudart = getattr(self, "cudart", None)
         if cudart is None:
             return
         for kind, ptr in self._buffers:
             cudart.cudaFreeHost(ptr) if kind == "host" else cudart.cudaFree(ptr)
         self._buffers = []
-        if getattr(self, "_stream", None) is not None:
-            cudart.cudaStreamDestroy(self._stream)
-            self._stream = None
+        if getattr(self, "stream", None) is not None:
+            cudart.cudaStreamDestroy(self.stream)
+            self.stream = None
 
     def __enter__(self) -> TensorRTRunner:
         return self

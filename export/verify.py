@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from ganet.export.manifest import MANIFEST_FILE, Manifest, load_manifest, sha256_file
 
-__all__ = ["VerifyResult", "verify_export"]
+__all__ = ["VerifyResult", "verify_export", "file_problem"]
 
 # Re-run numbers may move by float noise (thread scheduling, another CPU); a recorded number that was edited or a
 # model that changed moves far more.
@@ -30,18 +30,27 @@ def _close(recorded: float, now: float) -> bool:
     return math.isclose(recorded, now, rel_tol=_RTOL, abs_tol=_ATOL)
 
 
+def file_problem(m: Manifest, rel: str) -> str | None:
+    """What is wrong with the listed file ``rel`` against the manifest (missing, size, SHA-256), or None. Also what
+    ``ganet-serve`` checks of every file it loads before it turns ready."""
+    entry = m.files.get(rel)
+    path = m.directory / rel
+    if entry is None:
+        return "not listed in the manifest"
+    if not path.is_file():
+        return f"missing (manifest lists {entry.bytes} bytes)"
+    if path.stat().st_size != entry.bytes:
+        return f"size {path.stat().st_size} bytes, manifest says {entry.bytes}"
+    if (digest := sha256_file(path)) != entry.sha256:
+        return f"sha256 {digest}, manifest says {entry.sha256}"
+    return None
+
+
 def _check_files(m: Manifest, result: VerifyResult) -> set[str]:
     """Hashes and sizes against the manifest; returns the listed files that are missing or differ."""
     changed = set()
-    for rel, entry in m.files.items():
-        path = m.directory / rel
-        if not path.is_file():
-            problem = f"missing (manifest lists {entry.bytes} bytes)"
-        elif path.stat().st_size != entry.bytes:
-            problem = f"size {path.stat().st_size} bytes, manifest says {entry.bytes}"
-        elif (digest := sha256_file(path)) != entry.sha256:
-            problem = f"sha256 {digest}, manifest says {entry.sha256}"
-        else:
+    for rel in m.files:
+        if (problem := file_problem(m, rel)) is None:
             continue
         changed.add(rel)
         result.differences.append(f"{rel}: {problem}")
@@ -91,7 +100,8 @@ def _compare_numbers(where: str, recorded: dict[str, Any], now: dict[str, Any], 
 def _rerun_parity(m: Manifest, result: VerifyResult, changed: set[str], log: Callable[[str], None]) -> None:
     from ganet.checkpoint import CheckpointError, load_checkpoint
     from ganet.export import parity as P
-    from ganet.export.pipeline import heldout_images, heldout_top1, parity_batch_sizes
+    from ganet.export.data import DEFAULT_HELDOUT_IMAGES, DataUnavailableError, ExportData, resolve_export_data
+    from ganet.export.pipeline import heldout_top1, parity_batch_sizes
 
     ckpt = Path(m.checkpoint.get("path", ""))
     if not ckpt.is_file():
@@ -107,10 +117,23 @@ def _rerun_parity(m: Manifest, result: VerifyResult, changed: set[str], log: Cal
     except CheckpointError as e:
         result.differences.append(f"checkpoint: {e}")
         return
-    log(f"[ganet-export] re-running parity against {ckpt} ...")
     prep = m.preprocessing
-    dataset = P.dataset_of(info.extra, prep)
-    inputs = P.parity_inputs(prep, dataset)
+    recorded = m.parity.get("inputs", {})
+    # The inputs the export used: the photographs, and the same held-out images of the same folder if it used any.
+    data = ExportData(prep)
+    if recorded.get("dataset_heldout"):
+        try:
+            data = resolve_export_data(info.extra, prep, info.labels, recorded.get("data_dir"),
+                                       recorded.get("heldout_limit", DEFAULT_HELDOUT_IMAGES))
+        except DataUnavailableError as e:
+            data.note = str(e)
+        if data.name != recorded["dataset_heldout"]:
+            result.notes.append(f"parity could not be re-run: the export checked it on the held-out split of "
+                                f"{recorded['dataset_heldout']}, which is not reachable here ({data.note}); hashes "
+                                "were checked")
+            return
+    log(f"[ganet-export] re-running parity against {ckpt} ...")
+    inputs = data.parity_inputs()
     reference = P.torch_reference(model, prep, inputs.images)
     batches = [int(b) for b in m.parity.get("onnx", {}).get("by_batch", {})] or parity_batch_sizes(m.max_batch)
     onnx_file = m.path(m.artifact("onnx"))
@@ -145,7 +168,7 @@ def _rerun_parity(m: Manifest, result: VerifyResult, changed: set[str], log: Cal
     if int8 is not None and int8.file in changed:
         result.notes.append(f"INT8 accuracy not re-run: {int8.file} differs from the manifest")
     elif int8 is not None and held:
-        held_out = heldout_images(prep, dataset)
+        held_out = data.heldout
         if held_out is not None:
             acc32, acc8 = heldout_top1(onnx_file, held_out), heldout_top1(m.path(int8), held_out)
             _compare_numbers("parity.onnx_int8.heldout", held,

@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["CheckpointError", "CheckpointInfo", "FORMAT", "FORMAT_VERSION", "load_checkpoint",
-           "read_checkpoint_info", "save_checkpoint"]
+__all__ = ["CheckpointError", "CheckpointInfo", "FORMAT", "FORMAT_VERSION", "TensorEntry", "load_checkpoint",
+           "read_checkpoint_info", "read_tensor_file_header", "save_checkpoint"]
 
 FORMAT = "ganet.checkpoint"
 FORMAT_VERSION = 1
@@ -78,8 +78,67 @@ def _ganet_version() -> str:
     return __version__
 
 
-def _read_header(path: Path) -> dict[str, Any]:
-    """Parse and sanity-check a safetensors header: the file must be complete and hold our metadata."""
+# safetensors' dtypes: element bytes, and the kind a model's tensor must have to take its values.
+_DTYPES: dict[str, tuple[int, str]] = {
+    "BOOL": (1, "bool"), "U8": (1, "int"), "I8": (1, "int"), "U16": (2, "int"), "I16": (2, "int"),
+    "U32": (4, "int"), "I32": (4, "int"), "U64": (8, "int"), "I64": (8, "int"),
+    "F8_E4M3": (1, "float"), "F8_E5M2": (1, "float"), "F16": (2, "float"), "BF16": (2, "float"),
+    "F32": (4, "float"), "F64": (8, "float"), "C64": (8, "complex"),
+}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor as the file's header describes it."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    offsets: tuple[int, int]  # [begin, end) in the data section
+
+    @property
+    def kind(self) -> str:
+        return _DTYPES[self.dtype][1]
+
+
+def _parse_entry(path: Path, name: str, entry: Any) -> TensorEntry:
+    """A header entry, checked the way safetensors checks it before it maps anything."""
+    where = f"tensor {name[:80]!r} in the header"
+    if not isinstance(entry, dict):
+        raise CheckpointError(path, f"corrupt header: {where} is a JSON {type(entry).__name__}, not an object with "
+                                    "dtype, shape and data_offsets")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+    if missing:
+        raise CheckpointError(path, f"corrupt header: {where} has no {', '.join(missing)}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise CheckpointError(path, f"corrupt header: {where} has dtype {str(dtype)[:40]!r}; known dtypes: "
+                                    f"{', '.join(_DTYPES)}")
+    if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+        raise CheckpointError(path, f"corrupt header: {where} has shape {str(shape)[:80]}; expected a list of "
+                                    "non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise CheckpointError(path, f"corrupt header: {where} has data_offsets {str(offsets)[:80]}; expected "
+                                    "[begin, end] with 0 <= begin <= end")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if offsets[1] - offsets[0] != numel * _DTYPES[dtype][0]:
+        raise CheckpointError(path, f"corrupt header: {where} is {dtype} {shape} ({numel * _DTYPES[dtype][0]} "
+                                    f"bytes) but its data_offsets span {offsets[1] - offsets[0]} bytes")
+    return TensorEntry(dtype, tuple(shape), (offsets[0], offsets[1]))
+
+
+def read_tensor_file_header(path: str | os.PathLike) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """Parse and check a safetensors file's header without torch: ``(tensors by name, metadata)``.
+
+    Everything safetensors would refuse (and what would make a loader fail later with a traceback) is refused here
+    with a :class:`CheckpointError` naming the file: a short or truncated file, a header that is not a JSON object
+    (or nests too deep to parse), an entry that is not an object or lacks ``dtype``/``shape``/``data_offsets``, an
+    unknown dtype, offsets that disagree with the shape, that overlap or leave gaps, or a data section whose size
+    differs from the file's.
+    """
+    path = Path(path)
     if not path.exists():
         raise CheckpointError(path, "no such file")
     if not path.is_file():
@@ -101,17 +160,25 @@ def _read_header(path: Path) -> dict[str, Any]:
             raise ValueError
     except (ValueError, UnicodeDecodeError):
         raise CheckpointError(path, "not a safetensors file (its header is not a JSON object)") from None
-    data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except RecursionError:
+        raise CheckpointError(path, "corrupt header: JSON nested too deep to parse") from None
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(path, "corrupt header: __metadata__ must be an object of strings")
+    tensors = {name: _parse_entry(path, name, entry) for name, entry in header.items()}
+    data_end = 0
+    for name, t in sorted(tensors.items(), key=lambda item: item[1].offsets):
+        if t.offsets[0] != data_end:  # safetensors' own rule: the tensors tile the data section in order
+            raise CheckpointError(path, f"corrupt header: tensor {name[:80]!r} starts at byte {t.offsets[0]} of the "
+                                        f"data, expected {data_end} (tensors overlap or leave a gap)")
+        data_end = t.offsets[1]
     if 8 + header_len + data_end != size:
         raise CheckpointError(path, f"truncated or corrupt: the header describes {8 + header_len + data_end} bytes "
                                     f"but the file has {size}")
-    return header
+    return tensors, meta
 
 
-def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
-    """Read and validate a checkpoint's metadata (no torch needed). Raises :class:`CheckpointError`."""
-    path = Path(path)
-    meta = _read_header(path).get("__metadata__") or {}
+def _info_from_metadata(path: Path, meta: dict[str, str]) -> CheckpointInfo:
     if meta.get("format") != FORMAT:
         raise CheckpointError(path, f"not a ganet checkpoint (a safetensors file without format={FORMAT!r} "
                                     "metadata; write checkpoints with ganet.save_checkpoint)")
@@ -126,21 +193,40 @@ def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
     if missing:
         raise CheckpointError(path, f"metadata is missing {', '.join(missing)}")
     try:
+        labels = json.loads(meta["labels"])
+        model_kwargs, extra = json.loads(meta.get("model_kwargs", "{}")), json.loads(meta.get("extra", "{}"))
+        if not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+            raise ValueError("labels must be a JSON list of strings")
+        if not (isinstance(model_kwargs, dict) and isinstance(extra, dict)):
+            raise ValueError("model_kwargs and extra must be JSON objects")
+        preprocessing = json.loads(meta["preprocessing"])
+        if not isinstance(preprocessing, dict):
+            raise ValueError("preprocessing must be a JSON object")
         info = CheckpointInfo(
             model=meta["model"],
             num_classes=int(meta["num_classes"]),
-            labels=tuple(json.loads(meta["labels"])),
-            preprocessing=Preprocessing.from_dict(json.loads(meta["preprocessing"])),
-            model_kwargs=json.loads(meta.get("model_kwargs", "{}")),
-            extra=json.loads(meta.get("extra", "{}")),
+            labels=tuple(labels),
+            preprocessing=Preprocessing.from_dict(preprocessing),
+            model_kwargs=model_kwargs,
+            extra=extra,
             format_version=version,
             path=path,
         )
     except (ValueError, TypeError) as e:
         raise CheckpointError(path, f"invalid metadata: {e}") from None
+    except RecursionError:
+        raise CheckpointError(path, "invalid metadata: JSON nested too deep to parse") from None
+    if info.num_classes < 1:
+        raise CheckpointError(path, f"invalid metadata: num_classes must be >= 1, got {info.num_classes}")
     if len(info.labels) != info.num_classes:
         raise CheckpointError(path, f"has {len(info.labels)} labels for {info.num_classes} classes")
     return info
+
+
+def read_checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
+    """Read and validate a checkpoint's metadata (no torch needed). Raises :class:`CheckpointError`."""
+    path = Path(path)
+    return _info_from_metadata(path, read_tensor_file_header(path)[1])
 
 
 def save_checkpoint(
@@ -178,27 +264,59 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, CheckpointInfo]:
-    """Rebuild the model a checkpoint describes, load its weights (strictly) and return ``(model.eval(), info)``."""
+    """Rebuild the model a checkpoint describes, load its weights (strictly) and return ``(model.eval(), info)``.
+
+    Before any tensor is read, the header's names, shapes and dtypes are checked against the architecture the
+    metadata names, and its input size against the one that architecture is built for: a file that does not fit
+    is refused with a :class:`CheckpointError` in well under a second, whatever it would cost to run.
+    """
     device = str(device)
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from ganet.models import create_model
+    from ganet.models import create_model, model_info
 
-    info = read_checkpoint_info(path)
+    path = Path(path)
+    tensors, meta = read_tensor_file_header(path)
+    info = _info_from_metadata(path, meta)
     try:
+        problem = model_info(info.model).input_size_problem(info.preprocessing.input_size)
         model = create_model(info.model, num_classes=info.num_classes, **info.model_kwargs)
     except (ValueError, TypeError) as e:
         raise CheckpointError(path, f"cannot build its model: {e}") from None
+    if problem:
+        raise CheckpointError(path, f"its metadata does not fit together: {problem}")
+    _check_tensors_fit(path, info.model, model, tensors)
     try:
         state = load_file(str(path), device=device)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(path, f"cannot read its tensors: {e}") from None
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(path, f"weights do not match model {info.model!r}: missing {result.missing_keys[:5]}, "
-                                    f"unexpected {result.unexpected_keys[:5]}")
+    model.load_state_dict(state, strict=True)  # names, shapes and dtype kinds were checked above
     return model.to(device).eval(), info
+
+
+def _tensor_kind(t: torch.Tensor) -> str:
+    import torch
+
+    return ("bool" if t.dtype == torch.bool else "complex" if t.is_complex()
+            else "float" if t.is_floating_point() else "int")
+
+
+def _check_tensors_fit(path: Path, model_name: str, model: nn.Module, tensors: dict[str, TensorEntry]) -> None:
+    """Every tensor of ``model`` in the file, with its shape and a dtype of its kind, and nothing else."""
+    mine = model.state_dict()
+    missing = [k for k in mine if k not in tensors]
+    unexpected = [k for k in tensors if k not in mine]
+    wrong = [f"{k} is {tensors[k].dtype} {list(tensors[k].shape)}, the model's is "
+             f"{str(v.dtype).removeprefix('torch.')} {list(v.shape)}"
+             for k, v in mine.items() if k in tensors
+             and (tensors[k].shape != tuple(v.shape) or tensors[k].kind != _tensor_kind(v))]
+    if not (missing or unexpected or wrong):
+        return
+    parts = [f"{label} ({len(names)}): {', '.join(n[:80] for n in names[:3])}{', ...' if len(names) > 3 else ''}"
+             for label, names in (("missing", missing), ("unexpected", unexpected), ("mismatched", wrong)) if names]
+    raise CheckpointError(path, f"weights do not match model {model_name!r}, which its metadata names: "
+                                + "; ".join(parts))
 
 
 def _num_classes(model: nn.Module) -> int:

@@ -14,7 +14,8 @@ if TYPE_CHECKING:  # Pillow, NumPy and torch are imported where they are used, s
     from PIL import Image
 
 __all__ = ["Preprocessing", "IMAGENET_MEAN", "IMAGENET_STD", "CIFAR_MEAN", "CIFAR_STD", "CIFAR10_MEAN",
-           "CIFAR10_STD", "to_rgb", "crop_box", "resize_and_crop", "image_to_uint8", "normalize", "normalize_uint8"]
+           "CIFAR10_STD", "to_rgb", "crop_box", "resize_and_crop", "image_to_uint8", "normalize", "normalize_uint8",
+           "normalize_constants"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -85,6 +86,8 @@ class Preprocessing:
         return cls(**d)
 
 
+_CHUNK = 1 << 20  # pixels per step of the 16-bit conversion: 8 MB of float64 at a time
+
 _PIL_FILTERS = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling values
 
 
@@ -102,15 +105,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
         import numpy as np
         from PIL import Image
 
-        a = np.asarray(img, dtype=np.float64)
+        a = np.asarray(img)  # its own dtype; converted a chunk at a time, never as a float64 copy of the whole image
         peak = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(a * (255.0 / peak) + 0.5, 0, 255).astype(np.uint8), "L")
+        out = np.empty(a.shape, np.uint8)
+        src, dst = a.reshape(-1), out.reshape(-1)  # flat: any aspect ratio, a 1x50,000,000 image too
+        for i in range(0, src.size, _CHUNK):
+            dst[i:i + _CHUNK] = np.clip(src[i:i + _CHUNK].astype(np.float64) * (255.0 / peak) + 0.5, 0, 255
+                                        ).astype(np.uint8)
+        img = Image.fromarray(out, "L")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         from PIL import Image
 
-        rgba = img.convert("RGBA")
+        rgba = img if img.mode == "RGBA" else img.convert("RGBA")  # alpha_composite copies: no need to here
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
     return img if img.mode == "RGB" else img.convert("RGB")
@@ -155,13 +163,25 @@ def image_to_uint8(img: Image.Image, prep: Preprocessing) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1))  # (H, W, 3) -> (3, H, W)
 
 
-def normalize(x01: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
-    """``(x - mean) / std`` per channel for a float tensor (..., 3, H, W) of values in [0, 1], on its device.
-    (No torch import here: only the tensor's own methods.)"""
-    return (x01 - x01.new_tensor(prep.mean).view(3, 1, 1)) / x01.new_tensor(prep.std).view(3, 1, 1)
+def normalize_constants(prep: Preprocessing, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, std)`` as (3, 1, 1) tensors of ``like``'s float dtype and device: made once ahead of a CUDA graph
+    capture, which cannot copy them from the host while it records."""
+    if not like.is_floating_point():
+        raise ValueError(f"normalize_constants: `like` must be a float tensor, got {like.dtype}")
+    return like.new_tensor(prep.mean).view(3, 1, 1), like.new_tensor(prep.std).view(3, 1, 1)
 
 
-def normalize_uint8(images: torch.Tensor, prep: Preprocessing) -> torch.Tensor:
+def normalize(x01: torch.Tensor, prep: Preprocessing,
+              constants: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``(x - mean) / std`` per channel for a float tensor (..., 3, H, W) of values in [0, 1], on its device
+    (``constants``: ``normalize_constants(prep, x01)`` made earlier). (No torch import here: only the tensor's own
+    methods.)"""
+    mean, std = constants if constants is not None else normalize_constants(prep, x01)
+    return (x01 - mean) / std
+
+
+def normalize_uint8(images: torch.Tensor, prep: Preprocessing,
+                    constants: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``(x / 255 - mean) / std``: a uint8 tensor (..., 3, H, W) from ``image_to_uint8`` -> float32 on its device.
     The PyTorch side of the normalisation exported graphs carry."""
-    return normalize(images.float().div(255), prep)
+    return normalize(images.float().div(255), prep, constants)

@@ -113,7 +113,7 @@ def format_table(rows: list[ProfileRow]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="ganet-profile",
+        prog="ganet-profile", allow_abbrev=False,
         description="Print parameters and MACs of the registered models beside the GANet paper's Table 1 "
                     "(CIFAR forms at 32x32 with 100 classes, ImageNet forms at 224x224 with 1000). MACs count "
                     "convolutions, linear layers and attention matrix products; see ganet/profile.py.",

@@ -4,12 +4,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
-import json
 import logging
-import re
 import time
-import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -19,18 +15,21 @@ import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 
-from ganet.serve.backends import Backend, ModelSpec, load_backend
+from ganet.serve.backends import Backend, BackendError, ModelSpec, load_backend
 from ganet.serve.batcher import BatchResult, DeadlineExceededError, DynamicBatcher, QueueFullError
+from ganet.serve.budget import ByteBudget
+from ganet.serve.decode import Decoder, deadline_error
 from ganet.serve.errors import ServeError, install_error_handlers
-from ganet.serve.images import decode_image, resizer
+from ganet.serve.images import resizer
 from ganet.serve.metrics import Metrics
+from ganet.serve.middleware import ServeMiddleware
 from ganet.serve.settings import ServeSettings
 from ganet.system import usable_cpus
 
-__all__ = ["ServeState", "create_app", "load_backends", "warmup_sizes", "StateDep", "require_api_key"]
+__all__ = ["ServeState", "create_app", "default_top_k", "load_backends", "make_gpu_decoder", "prepare", "warm_up",
+           "warmup_sizes", "StateDep", "require_api_key", "deadline_of"]
 
 log = logging.getLogger("ganet.serve")
-access_log = logging.getLogger("ganet.serve.access")
 
 
 @dataclass
@@ -41,36 +40,53 @@ class ServeState:
     backends: list[Backend] = field(default_factory=list)
     batcher: DynamicBatcher | None = None
     decode_pool: ThreadPoolExecutor | None = None
+    decoder: Decoder | None = None
+    budget: ByteBudget | None = None
     ready: bool = False
+    warmed: bool = False  # the backends were warmed up before the app was created (ganet-serve does it)
+    draining: bool = False  # a stop signal arrived: /v2/health/ready answers 503 while requests are still served
+    gpu_decoder: Any = None  # ganet.serve.gpu_decode.GpuDecoder with --decode gpu
 
-    async def decode(self, data: bytes) -> tuple[np.ndarray, float]:
-        """(3, S, S) uint8 and the seconds it took, decoded in the pool (never on the event loop)."""
-        def run() -> tuple[np.ndarray, float]:
-            start = time.perf_counter()
-            image = decode_image(data, self.spec.preprocessing, self.settings.max_pixels)
-            return image, time.perf_counter() - start
-
-        image, seconds = await asyncio.get_running_loop().run_in_executor(self.decode_pool, run)
-        self.metrics.decode_seconds.observe(seconds)
+    async def decode(self, data: bytes, deadline: float | None = None) -> tuple[np.ndarray, float]:
+        """(3, S, S) uint8 and the seconds it took, decoded in the pool (never on the event loop), inside the
+        decode budget and before ``deadline`` (time.monotonic(); default: --timeout-ms from now)."""
+        (image, seconds), = await self.decode_all([data], deadline)
         return image, seconds
 
-    async def infer(self, images: list[np.ndarray]) -> list[BatchResult]:
-        """Each image through the dynamic batcher; 503 when the queue is full, 504 past the deadline."""
+    async def decode_all(self, datas: list[bytes], deadline: float | None = None,
+                         names: list[str | None] | None = None) -> list[tuple[np.ndarray, float]]:
+        deadline = deadline if deadline is not None else time.monotonic() + self.settings.timeout_ms / 1e3
+        decoded = await self.decoder.decode_all(datas, deadline, names)
+        for _, seconds in decoded:
+            self.metrics.decode_seconds.observe(seconds)
+        return decoded
+
+    async def infer(self, images: list[np.ndarray], deadline: float | None = None) -> list[BatchResult]:
+        """Each image through the dynamic batcher; 503 when the queue is full, 504 past the request's deadline
+        (time.monotonic(); default: --timeout-ms from now)."""
         if not self.ready or self.batcher is None:
             raise ServeError(503, "not_ready", "the model is not ready yet (warming up or shutting down)",
                              {"Retry-After": "1"})
         timeout_s = self.settings.timeout_ms / 1e3
-        tasks = [asyncio.ensure_future(self.batcher.submit(im, timeout_s)) for im in images]
+        left = timeout_s if deadline is None else deadline - time.monotonic()
+        if left <= 0:
+            raise deadline_error(self.settings.timeout_ms, "before inference (reading and decoding took it all)")
+        tasks = [asyncio.ensure_future(self.batcher.submit(im, left)) for im in images]
         try:
             return list(await asyncio.gather(*tasks))
         except QueueFullError as e:
             raise ServeError(503, "queue_full", f"server overloaded: {e}; retry later", {"Retry-After": "1"}) from None
         except DeadlineExceededError as e:
-            raise ServeError(504, "deadline_exceeded", f"inference deadline of {self.settings.timeout_ms:g} ms "
-                                                       f"exceeded: {e}") from None
+            raise deadline_error(self.settings.timeout_ms, f"before inference finished: {e}") from None
         finally:
             for t in tasks:
-                t.cancel()  # no-op for finished ones; siblings of a failed image stop waiting
+                t.cancel()  # no-op for finished ones; siblings of a failed image stop waiting (and are dropped)
+
+
+def deadline_of(request: Request) -> float:
+    """The request's deadline (time.monotonic()), set by the middleware when the request arrived."""
+    deadline = getattr(request.state, "deadline", None)
+    return deadline if deadline is not None else time.monotonic() + request.app.state.serve.settings.timeout_ms / 1e3
 
 
 # async dependencies: FastAPI runs plain `def` ones in its threadpool, a thread hop per request for nothing.
@@ -98,76 +114,29 @@ def warmup_sizes(max_batch: int) -> list[int]:
     return sorted(sizes | {max_batch})
 
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-
-
-class ServeMiddleware:
-    """Pure ASGI: request id (X-Request-ID in and out), body-size limit, per-route metrics, a JSON access log."""
-
-    def __init__(self, app: Callable, state_of: Callable[[], ServeState]) -> None:
-        self.app, self.state_of = app, state_of
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        state = self.state_of()
-        limit = state.settings.max_body_bytes
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        incoming = headers.get("x-request-id", "")
-        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
-        start, status, received = time.perf_counter(), 500, 0
-
-        async def send_wrapper(message: dict) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
-            await send(message)
-
-        async def receive_wrapper() -> dict:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > limit:  # chunked bodies without Content-Length
-                raise ServeError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
-            return message
-
-        length = headers.get("content-length", "")
-        try:
-            if length.isdigit() and int(length) > limit:
-                await self._too_large(scope, receive, send_wrapper, request_id, int(length), limit)
-            else:
-                await self.app(scope, receive_wrapper, send_wrapper)
-        except asyncio.CancelledError:  # the shutdown grace period ran out, or the server is going away
-            status = 499
-            raise
-        finally:
-            seconds = time.perf_counter() - start
-            route = getattr(scope.get("route"), "path", "unmatched")
-            state.metrics.requests.labels(route, str(status)).inc()
-            state.metrics.request_seconds.labels(route).observe(seconds)
-            access_log.info("request", extra={"event": "access", "request_id": request_id,
-                                              "method": scope["method"], "path": scope["path"], "status": status,
-                                              "ms": round(seconds * 1e3, 3), "client": (scope.get("client") or
-                                                                                        ("", 0))[0]})
-
-    @staticmethod
-    async def _too_large(scope, receive, send, request_id: str, length: int, limit: int) -> None:
-        body = json.dumps({"error": f"request body of {length} bytes exceeds the limit of {limit} bytes",
-                           "code": "body_too_large", "request_id": request_id}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
-
-
 # ONNX Runtime on the CPU, default --max-batch: per image, this network costs the same at batch 4 as at 8 or 16
 # (4.01, 3.98, 4.03 ms on one core; 4.25 at 1), so a larger batch buys nothing, and one instance that takes 10
 # queued images leaves the others idle while its batch runs. With 16 clients on 2 cores (2 instances), a cap of 4
 # instead of the export's 32 served ~6% more images per second and cut p99 at half the peak from 44-62 to 43-46 ms.
 CPU_MAX_BATCH = 4
+
+
+class _OncePerStart(logging.Filter):
+    """Drops repeats of the start-up lines every instance would log again (which backend and why, which graph)."""
+
+    def __init__(self, events: tuple[str, ...]) -> None:
+        super().__init__()
+        self.events, self.seen = events, set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        event = getattr(record, "event", None)
+        if event not in self.events:
+            return True
+        key = (event, record.getMessage())
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
 
 
 def load_backends(s: ServeSettings) -> tuple[list[Backend], ModelSpec]:
@@ -179,54 +148,125 @@ def load_backends(s: ServeSettings) -> tuple[list[Backend], ModelSpec]:
     def load() -> tuple[Backend, ModelSpec]:
         return load_backend(s.model, s.backend, intra_op_threads=s.intra_op_threads, device=s.device,
                             max_batch=s.max_batch, name=s.model_name, precision=s.precision,
-                            fused_kernels=s.fused_kernels)
+                            fused_kernels=s.fused_kernels, engine_cache=s.engine_cache, cuda_graphs=s.cuda_graphs)
 
-    first, spec = load()
-    on_cpu = first.name == "onnxruntime" and first.device == "CPUExecutionProvider"
-    count = s.instances
-    if count is None:
-        count = max(1, usable_cpus() // first.session.get_session_options().intra_op_num_threads) if on_cpu else 1
-        log.info("instances", extra={"event": "instances", "instances": count, "backend": first.name,
-                                     "why": "one per intra-op thread group on the CPU" if on_cpu else "one per GPU"})
-    if on_cpu and s.max_batch is None and spec.max_batch > CPU_MAX_BATCH:
-        spec = dataclasses.replace(spec, max_batch=CPU_MAX_BATCH)
-        log.info("max batch", extra={"event": "max_batch", "max_batch": CPU_MAX_BATCH,
-                                     "why": "on the CPU larger batches cost as much per image and keep the other "
-                                            "instances idle (--max-batch overrides)"})
-    return [first] + [load()[0] for _ in range(count - 1)], spec
+    once = _OncePerStart(("backend", "graph"))
+    log.addFilter(once)
+    try:
+        first, spec = load()
+        on_cpu = first.name == "onnxruntime" and first.device == "CPUExecutionProvider"
+        count = s.instances
+        if count is None:
+            count = max(1, usable_cpus() // first.session.get_session_options().intra_op_num_threads) if on_cpu else 1
+            log.info("instances", extra={"event": "instances", "instances": count, "backend": first.name,
+                                         "why": "one per intra-op thread group on the CPU" if on_cpu else "one per GPU"})
+        if on_cpu and s.max_batch is None and spec.max_batch > CPU_MAX_BATCH:
+            spec = dataclasses.replace(spec, max_batch=CPU_MAX_BATCH)
+            log.info("max batch", extra={"event": "max_batch", "max_batch": CPU_MAX_BATCH,
+                                         "why": "on the CPU larger batches cost as much per image and keep the "
+                                                "other instances idle (--max-batch overrides)"})
+        return [first] + [load()[0] for _ in range(count - 1)], spec
+    finally:
+        log.removeFilter(once)
+
+
+def prepare(s: ServeSettings) -> tuple[list[Backend], ModelSpec]:
+    """Everything that can refuse a model, before the service turns ready: the SHA-256 of every file it loads
+    (unless --skip-verify), loading each instance, the graph's contract against the manifest. Raises
+    ``StartupError``, one line naming the file and the problem."""
+    from ganet.serve.startup import StartupError, check_contract, verify_integrity
+
+    def one_line(e: BaseException) -> str:
+        lines = str(e).strip().splitlines()
+        return (lines[0] if lines else type(e).__name__)[:500]
+
+    try:
+        if s.skip_verify:
+            log.warning("integrity not checked (--skip-verify)", extra={"event": "integrity", "checked": False})
+        else:
+            checked = verify_integrity(s)
+            log.info("integrity", extra={"event": "integrity", "checked": True, **checked})
+        backends, spec = load_backends(s)
+    except StartupError:
+        raise
+    except (ValueError, OSError, BackendError) as e:  # manifest, checkpoint, backend choice: they name the file
+        raise StartupError(one_line(e)) from None
+    except Exception as e:  # ONNX Runtime, TensorRT, torch: a file their parsers refuse
+        raise StartupError(f"{s.model}: the model cannot be loaded ({type(e).__name__}: {one_line(e)})") from None
+    check_contract(backends, spec, s.model)
+    return backends, spec
+
+
+def warm_up(backends: list[Backend], spec: ModelSpec) -> None:
+    """Every batch size the batcher can form, through every instance, before turning ready."""
+    start = time.perf_counter()
+    # Backends that record fixed batch sizes (CUDA graphs) record every one of them, largest first, then run too.
+    sizes = sorted(set(warmup_sizes(spec.max_batch)).union(*(getattr(b, "batch_sizes", ()) for b in backends)))
+    for backend in backends:
+        if hasattr(backend, "prepare"):
+            backend.prepare()
+        for n in sizes:
+            backend(np.zeros((n, *spec.input_shape), np.uint8))
+    log.info("warmed up", extra={"event": "warmup", "batch_sizes": sizes,
+                                 "seconds": round(time.perf_counter() - start, 3)})
+
+
+def make_gpu_decoder(s: ServeSettings, spec: ModelSpec):
+    """The --decode gpu decoder (raises RuntimeError naming what is missing: torchvision, CUDA, ...)."""
+    try:
+        from ganet.serve.gpu_decode import GpuDecoder
+        from ganet.serve.gpu_resize import ResizeMismatchError
+
+        import torch
+    except ImportError as e:
+        raise RuntimeError(f"--decode gpu needs torch and torchvision ({e})") from None
+    device = s.device or "cuda"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--decode gpu needs a CUDA GPU, and torch sees none (use --decode cpu)")
+    try:
+        decoder = GpuDecoder(spec.preprocessing, s.max_pixels, device=device)
+    except ResizeMismatchError as e:
+        raise RuntimeError(str(e)) from None
+    decoder.warm_up()
+    log.info("GPU decoder", extra={"event": "decoder", "decode": "gpu", "device": device,
+                                   "resize_pass_order": decoder.resize.order if decoder.resize else None})
+    return decoder
 
 
 def _start(state: ServeState, backends: list[Backend] | None, spec: ModelSpec | None) -> None:
-    """Load (unless given) the backend instances, warm them up at every batch size, start the batcher."""
+    """Prepare (unless given) the backend instances, warm them up (unless done), start the batcher and decoder."""
     s = state.settings
     if backends is None:
-        backends, spec = load_backends(s)
+        backends, spec = prepare(s)
     state.backends, state.spec = backends, spec
-    log.info("decoder", extra={"event": "decoder", "resize": resizer()[1]})  # builds the kernel library if needed
-    if s.warmup:
-        start = time.perf_counter()
-        sizes = warmup_sizes(spec.max_batch)
-        for backend in backends:
-            for n in sizes:
-                backend(np.zeros((n, *spec.input_shape), np.uint8))
-        log.info("warmed up", extra={"event": "warmup", "batch_sizes": sizes,
-                                     "seconds": round(time.perf_counter() - start, 3)})
+    log.info("decoder", extra={"event": "decoder", "resize": resizer()[1],
+                               "max_decode_bytes": s.max_decode_bytes})  # builds the kernel library if needed
+    if s.warmup and not state.warmed:
+        warm_up(backends, spec)
+    if s.decode == "gpu" and state.gpu_decoder is None:
+        state.gpu_decoder = make_gpu_decoder(s, spec)
     for backend in backends:
         if hasattr(backend, "gpu_memory_bytes"):
             state.metrics.track_gpu(backend.gpu_memory_bytes)
             break
     state.batcher = DynamicBatcher(backends, spec.max_batch, s.max_delay_us, s.queue_size, state.metrics.on_batch)
     state.metrics.track_queue(lambda: state.batcher.depth)
+    state.decoder = Decoder(state.decode_pool, s.workers_decode, state.budget, spec.preprocessing, s.max_pixels,
+                            s.timeout_ms, gpu=state.gpu_decoder,
+                            on_path=lambda path, reason: state.metrics.decode_images.labels(path, reason).inc())
 
 
 def create_app(settings: ServeSettings, *, backends: list[Backend] | None = None,
-               spec: ModelSpec | None = None) -> FastAPI:
-    """The service. ``backends`` + ``spec`` inject already-built backends (tests); otherwise settings.model loads."""
+               spec: ModelSpec | None = None, warmed: bool = False, gpu_decoder: Any = None) -> FastAPI:
+    """The service. ``backends`` + ``spec`` inject already-prepared backends (``prepare``; ``warmed``: and warmed
+    up, as ganet-serve does before it binds); otherwise the lifespan prepares settings.model. ``gpu_decoder``: a
+    ``GpuDecoder`` (--decode gpu; made by ``make_gpu_decoder`` when not given)."""
     from ganet.serve.routes_classify import router as classify_router
     from ganet.serve.routes_ops import router as ops_router
     from ganet.serve.routes_v2 import router as v2_router
 
-    state = ServeState(settings, Metrics())
+    state = ServeState(settings, Metrics(), warmed=warmed, budget=ByteBudget(settings.max_decode_bytes),
+                       gpu_decoder=gpu_decoder)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -242,6 +282,8 @@ def create_app(settings: ServeSettings, *, backends: list[Backend] | None = None
             state.ready = False
             state.batcher.close(settings.grace_s)
             state.decode_pool.shutdown(wait=False, cancel_futures=True)
+            if state.gpu_decoder is not None:
+                state.gpu_decoder.close()
             for backend in state.backends:
                 backend.close()
             log.info("stopped", extra={"event": "shutdown"})
@@ -266,19 +308,34 @@ def create_app(settings: ServeSettings, *, backends: list[Backend] | None = None
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema plus the v2 request body, which the infer route parses itself (JSON or binary)."""
-    if app.openapi_schema is None:
-        from fastapi.openapi.utils import get_openapi
+    """FastAPI's schema plus what the routes enforce beyond their signatures: the v2 request body (the infer routes
+    parse it themselves, JSON or binary) and the model's own bounds of ``top_k`` (1..num_classes, default
+    min(5, num_classes)), known once the model is loaded."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
 
-        from ganet.serve.schemas import V2InferRequest
+    from ganet.serve.schemas import V2InferRequest
 
-        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-        request = V2InferRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        components.update(request.pop("$defs", {}))
-        components["V2InferRequest"] = request
-        app.openapi_schema = schema
-    return app.openapi_schema
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    request = V2InferRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components.update(request.pop("$defs", {}))
+    components["V2InferRequest"] = request
+    spec = app.state.serve.spec
+    if spec is None:
+        return schema  # not cached: the bounds of top_k are added once the model is loaded
+    for parameter in schema["paths"]["/classify"]["post"].get("parameters", []):
+        if parameter["name"] == "top_k":
+            parameter["schema"] = {"type": "integer", "minimum": 1, "maximum": spec.num_classes,
+                                   "default": default_top_k(spec.num_classes), "title": "Top K"}
+    app.openapi_schema = schema
+    return schema
+
+
+def default_top_k(num_classes: int) -> int:
+    """``top_k`` when the request gives none: 5, or every class of a model with fewer."""
+    return min(5, num_classes)
 
 
 def _version() -> str:

@@ -13,13 +13,15 @@ from typing import Protocol
 
 import numpy as np
 
-from ganet.preprocess import Preprocessing, normalize_uint8
+from ganet.preprocess import Preprocessing
 from ganet.system import usable_cpus
 
 __all__ = ["Backend", "ModelSpec", "BackendError", "OnnxRuntimeBackend", "TorchBackend", "load_backend",
-           "choose_backend"]
+           "choose_backend", "TORCH_PRECISIONS"]
 
 log = logging.getLogger("ganet.serve")
+
+TORCH_PRECISIONS = ("fp16", "bf16")  # --precision values only the torch backend runs (a converted copy of the model)
 
 
 class BackendError(RuntimeError):
@@ -67,9 +69,11 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, onnx_path: str | os.PathLike, intra_op_threads: int = 0, prefer_cuda: bool = True,
-                 fused_path: str | os.PathLike | None = None) -> None:
+                 fused_path: str | os.PathLike | None = None, cuda_graphs: bool = False, max_batch: int = 32) -> None:
         """``fused_path``: the export's ``model.fused.onnx``, run instead of ``onnx_path`` on the CPU when the fused
-        GA kernel builds and loads here (it is a CPU kernel: the CUDA execution provider keeps the standard graph)."""
+        GA kernel builds and loads here (it is a CPU kernel: the CUDA execution provider keeps the standard graph).
+        ``cuda_graphs``: the CUDA execution provider records one CUDA graph per batch bucket up to ``max_batch``
+        (IO binding, ``ganet.serve.ort_graphs``); needs onnxruntime-gpu."""
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -85,6 +89,13 @@ class OnnxRuntimeBackend:
         providers = ["CPUExecutionProvider"]
         if prefer_cuda and "CUDAExecutionProvider" in available:
             providers.insert(0, "CUDAExecutionProvider")
+        if cuda_graphs:
+            if "CUDAExecutionProvider" not in available:
+                raise BackendError(f"--cuda-graphs with ONNX Runtime needs its CUDA execution provider (pip install "
+                                   f"onnxruntime-gpu, and a GPU); this onnxruntime offers {', '.join(available)}")
+            from ganet.serve.ort_graphs import cuda_graph_providers
+
+            providers = cuda_graph_providers()
         self.graph = "standard"
         if fused_path is not None and providers == ["CPUExecutionProvider"]:
             from ganet.kernels import KernelUnavailable, register_kernels
@@ -106,27 +117,52 @@ class OnnxRuntimeBackend:
                 self.gpu_memory_bytes = used  # read by the /metrics gauge, as the other backends' method is
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
+        self.runner = None  # a BucketedRunner over IO-bound CUDA graphs, or None: dynamic batch, session.run
+        if cuda_graphs:
+            from ganet.buckets import BucketedRunner, bucket_sizes
+            from ganet.serve.ort_graphs import IOBindingCapture
+
+            capture = IOBindingCapture(self.session, "cuda", cuda_graph=True)
+            self.runner = BucketedRunner(capture, bucket_sizes(max_batch), capture.sample_shape)
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        return self.runner.sizes if self.runner is not None else ()
+
+    def prepare(self) -> None:
+        if self.runner is not None:
+            self.runner.capture_all()
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
+        if self.runner is not None:
+            return self.runner(images)
         (logits,) = self.session.run([self.output_name], {self.input_name: images})
         return np.asarray(logits, dtype=np.float32)
 
     def close(self) -> None:
-        self.session = None
+        self.session = self.runner = None
 
 
 class TorchBackend:
-    """The PyTorch model from a checkpoint, eager, normalising inside exactly as the exported graph does."""
+    """The PyTorch model from a checkpoint, normalising inside exactly as the exported graph does.
+
+    On CUDA: channels_last, ``precision`` fp32 (TF32 off), fp16 or bf16 (a converted copy, see
+    ``ganet.serve.torch_graphs``), and with ``cuda_graphs`` the forward recorded once per batch bucket
+    (``ganet.buckets.bucket_sizes(max_batch)``) and replayed, each batch padded up to its bucket. On the CPU: eager, as
+    before (padding would only cost work there)."""
 
     name = "torch"
 
-    def __init__(self, checkpoint: str | os.PathLike, device: str | None = None, intra_op_threads: int = 0) -> None:
+    def __init__(self, checkpoint: str | os.PathLike, device: str | None = None, intra_op_threads: int = 0, *,
+                 precision: str = "fp32", cuda_graphs: bool = True, max_batch: int = 32) -> None:
         import torch
 
         from ganet.checkpoint import load_checkpoint
+        from ganet.serve.torch_graphs import TorchForward
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device == "cpu":
+        on_cuda = self.device.startswith("cuda")
+        if not on_cuda:
             torch.set_num_threads(_threads(intra_op_threads))
         else:
             # fp32 means fp32: with cuDNN's default TF32 convolutions, logits of ~17 landed 0.10 from ONNX Runtime's
@@ -134,30 +170,54 @@ class TorchBackend:
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
         self.model, self.info = load_checkpoint(checkpoint, self.device)
+        self.precision = precision
+        self.forward = TorchForward(self.model, self.info.preprocessing, self.device, precision, channels_last=on_cuda)
+        self.runner = None  # a BucketedRunner over CUDA graphs, or None: eager
+        if on_cuda and cuda_graphs:
+            from ganet.buckets import BucketedRunner, bucket_sizes
+            from ganet.serve.torch_graphs import CudaGraphCapture
+
+            shape = (3, self.info.preprocessing.input_size, self.info.preprocessing.input_size)
+            capture = CudaGraphCapture(self.forward, max_batch, shape, self.device)
+            self.runner = BucketedRunner(capture, bucket_sizes(max_batch), shape, host_buffer=capture.host_buffer)
         self._torch = torch
 
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """The batch sizes recorded as CUDA graphs (empty when eager)."""
+        return self.runner.sizes if self.runner is not None else ()
+
+    def prepare(self) -> None:
+        """Record every batch size's CUDA graph now (largest first), not on the first request of that size."""
+        if self.runner is not None:
+            self.runner.capture_all()
+
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        with self._torch.inference_mode():
-            x = self._torch.from_numpy(images).to(self.device)  # (B, 3, S, S) uint8
-            return self.model(normalize_uint8(x, self.info.preprocessing)).float().cpu().numpy()
+        if self.runner is not None:
+            return self.runner(images)
+        x = self._torch.from_numpy(images).to(self.device)  # (B, 3, S, S) uint8
+        return self.forward(x).cpu().numpy()
 
     def gpu_memory_bytes(self) -> float:
         return float(self._torch.cuda.memory_allocated()) if self.device.startswith("cuda") else 0.0
 
     def close(self) -> None:
-        self.model = None
+        self.model = self.forward = self.runner = None
 
 
 def _is_checkpoint(path: Path) -> bool:
     return path.is_file() and path.suffix == ".safetensors"
 
 
-def choose_backend(model: Path, requested: str, precision: str = "fp32") -> tuple[str, str]:
+def choose_backend(model: Path, requested: str, precision: str = "fp32",
+                   engine_cache: Path | None = None) -> tuple[str, str]:
     """``(backend, reason)`` for ``--backend requested`` (``auto`` resolves to the fastest usable one)."""
     if requested != "auto":
         return requested, "requested"
     if precision == "int8":
         return "onnxruntime", "--precision int8: the export's INT8 model runs on ONNX Runtime"
+    if precision in TORCH_PRECISIONS:
+        return "torch", f"--precision {precision}: the torch backend converts the checkpoint's model"
     if _is_checkpoint(model):
         return "torch", "MODEL is a checkpoint, which only the torch backend reads"
     from ganet.export.manifest import load_manifest
@@ -165,6 +225,12 @@ def choose_backend(model: Path, requested: str, precision: str = "fp32") -> tupl
     manifest = load_manifest(model)
     reasons = []
     if manifest.artifact("tensorrt") is None:
+        if engine_cache is not None:
+            from ganet.export.tensorrt import tensorrt_available
+
+            if tensorrt_available():
+                return "tensorrt", (f"no TensorRT engine in the export; the engine cache {engine_cache} has or "
+                                    "builds one")
         reasons.append("no TensorRT engine in the export")
     else:
         from ganet.export.tensorrt import tensorrt_available
@@ -185,13 +251,22 @@ def choose_backend(model: Path, requested: str, precision: str = "fp32") -> tupl
 
 def load_backend(model: str | os.PathLike, requested: str = "auto", *, intra_op_threads: int = 0,
                  device: str | None = None, max_batch: int | None = None, name: str | None = None,
-                 precision: str = "fp32", fused_kernels: bool = True) -> tuple[Backend, ModelSpec]:
-    """Load MODEL (an export directory, or a checkpoint for torch) with the requested backend and precision."""
+                 precision: str = "fp32", fused_kernels: bool = True,
+                 engine_cache: str | os.PathLike | None = None, cuda_graphs: bool | None = None
+                 ) -> tuple[Backend, ModelSpec]:
+    """Load MODEL (an export directory, or a checkpoint for torch) with the requested backend and precision.
+    ``engine_cache``: TensorRT builds (or reuses) an engine there when the export has none for this host.
+    ``cuda_graphs``: None -- on for torch on CUDA and for TensorRT, off for ONNX Runtime; True/False forces it."""
     model = Path(model)
-    backend, reason = choose_backend(model, requested, precision)
+    engine_cache = Path(engine_cache) if engine_cache is not None else None
+    backend, reason = choose_backend(model, requested, precision, engine_cache)
     if precision == "int8" and backend != "onnxruntime":
         raise BackendError(f"--precision int8 runs the export's INT8 ONNX model on ONNX Runtime, not on the "
                            f"{backend} backend: use --backend onnxruntime (or auto)")
+    if precision in TORCH_PRECISIONS and backend != "torch":
+        raise BackendError(f"--precision {precision} converts the checkpoint's model in the torch backend, not the "
+                           f"{backend} backend (a TensorRT engine's precision is chosen at export: ganet-export "
+                           f"--trt --fp16): use --backend torch (or auto)")
     log.info("backend %s: %s", backend, reason, extra={"event": "backend", "backend": backend, "reason": reason})
     if backend == "torch":
         checkpoint = model
@@ -202,7 +277,8 @@ def load_backend(model: str | os.PathLike, requested: str = "auto", *, intra_op_
             if not checkpoint.is_file():
                 raise BackendError(f"the torch backend needs a checkpoint; {model}'s manifest records "
                                    f"{str(checkpoint)!r}, which does not exist: pass the .safetensors file instead")
-        runner = TorchBackend(checkpoint, device, intra_op_threads)
+        runner = TorchBackend(checkpoint, device, intra_op_threads, precision=precision,
+                              cuda_graphs=cuda_graphs is not False, max_batch=max_batch or 32)
         info = runner.info
         spec = ModelSpec(name or info.model, info.labels, info.preprocessing, max_batch or 32)
         return runner, spec
@@ -223,12 +299,21 @@ def load_backend(model: str | os.PathLike, requested: str = "auto", *, intra_op_
             raise BackendError(f"{model} holds no INT8 model: re-export with `ganet-export CHECKPOINT --int8`")
         fused = manifest.artifact("onnx_fused") if precision == "fp32" and fused_kernels else None
         return OnnxRuntimeBackend(manifest.path(artifact), intra_op_threads,
-                                  fused_path=manifest.path(fused) if fused else None), spec
+                                  fused_path=manifest.path(fused) if fused else None,
+                                  cuda_graphs=bool(cuda_graphs), max_batch=spec.max_batch), spec
     if backend == "tensorrt":
         from ganet.serve.trt_backend import TensorRTBackend
 
+        if engine_cache is not None:
+            from ganet.serve.engine_cache import engine_for_host
+
+            engine = engine_for_host(manifest, engine_cache)  # the export's own plan when it fits this host
+            return TensorRTBackend(engine.plan, engine.info, cuda_graphs=cuda_graphs is not False,
+                                   max_batch=spec.max_batch), spec
         artifact = manifest.artifact("tensorrt")
         if artifact is None:
-            raise BackendError(f"{model} holds no TensorRT engine: re-export with `ganet-export --trt` on a GPU host")
-        return TensorRTBackend(manifest.path(artifact), artifact.info), spec
+            raise BackendError(f"{model} holds no TensorRT engine: re-export with `ganet-export --trt` on a GPU host, "
+                               f"or give --engine-cache DIR to build one here")
+        return TensorRTBackend(manifest.path(artifact), artifact.info, cuda_graphs=cuda_graphs is not False,
+                               max_batch=spec.max_batch), spec
     raise BackendError(f"unknown backend {backend!r}; expected auto, tensorrt, onnxruntime or torch")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import socket
 import sys
 
 __all__ = ["main", "build_parser"]
@@ -20,7 +22,16 @@ examples:
   ganet-serve runs/digits/best.safetensors --backend torch     # a checkpoint, PyTorch eager
   GANET_API_KEY=secret ganet-serve exports/digits --cors-origins https://example.org
 
-exit codes: 0 stopped cleanly; 2 bad option or a model that cannot be served (the message says why)."""
+limits: every request has one deadline (--timeout-ms) from its first byte: body, decode, queue, inference (408
+while the body is still arriving, 504 after); images are refused (413) before any pixel is decoded when they have
+more than --max-pixels or need more than --max-decode-bytes, which also bounds the memory of all decodes at once;
+connections must send their headers within --header-timeout-s and are closed after --keep-alive-s idle; past
+--max-connections the longest idle one is closed, or the new one gets 503 + Retry-After.
+
+exit codes: 0 stopped cleanly (SIGTERM/SIGINT: in-flight requests finish within --grace-s); 2 it cannot start:
+a bad option, a model that cannot be served (missing, corrupt or tampered file -- the SHA-256 of every file it
+loads is checked against the manifest unless --skip-verify --, input size or labels that do not match the graph),
+or the port in use. The message is one line that names the file or the port and the problem."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ganet.serve.settings import ServeSettings
 
     p = argparse.ArgumentParser(prog="ganet-serve", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                description="Serve a ganet export (or checkpoint) over HTTP with dynamic batching.")
+                                description="Serve a ganet export (or checkpoint) over HTTP with dynamic batching.",
+                                allow_abbrev=False)  # `--workers 2` is an error, not --workers-decode 2
     for name, field in ServeSettings.model_fields.items():
         env = f"GANET_{name.upper()}"
         if name == "model":
@@ -80,21 +92,60 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from ganet.serve.app import create_app, load_backends
-    from ganet.serve.logs import configure_logging
+    from ganet.serve.app import create_app, make_gpu_decoder, prepare, warm_up
+    from ganet.serve.connections import ConnectionLimits, guarded_protocol
+    from ganet.serve.drain import DrainingServer
+    from ganet.serve.limits import connection_cap
+    from ganet.serve.logs import configure_logging, held_back
+    from ganet.serve.startup import StartupError
 
-    configure_logging(settings.log_level)
-    try:  # load before binding the port, so that a model that cannot be served is a clean exit 2
-        backends, spec = load_backends(settings)
-    except (ValueError, RuntimeError, OSError) as e:  # manifest, checkpoint, backend, engine-mismatch errors
+    handler = configure_logging(settings.log_level)
+    try:
+        sock = bind(settings.host, settings.port)  # first: a port in use is found out before the model loads
+    except OSError as e:
+        print(f"ganet-serve: error: cannot listen on {settings.host}:{settings.port}: {e.strerror or e} (another "
+              "server there? choose another --port)", file=sys.stderr)
+        return 2
+    try:  # every check that can refuse the model, then the warm-up, before the socket listens
+        with held_back(handler):
+            backends, spec = prepare(settings)
+            decoder = make_gpu_decoder(settings, spec) if settings.decode == "gpu" else None
+            if settings.warmup:
+                warm_up(backends, spec)
+    except (StartupError, RuntimeError) as e:  # RuntimeError: --decode gpu on a host that cannot (says why)
+        sock.close()
         print(f"ganet-serve: error: {e}", file=sys.stderr)
         return 2
-    app = create_app(settings, backends=backends, spec=spec)  # the lifespan warms up, then turns ready
+    # the lifespan starts the batcher
+    app = create_app(settings, backends=backends, spec=spec, warmed=True, gpu_decoder=decoder)
+    metrics = app.state.serve.metrics
+    cap, why = connection_cap(settings.max_connections)
+    limits = ConnectionLimits(settings.header_timeout_s, settings.keep_alive_s, cap, metrics.connections.set,
+                              lambda reason: metrics.connections_closed.labels(reason).inc())
+    logging.getLogger("ganet.serve").info(
+        "listening", extra={"event": "listening", "url": f"http://{settings.host}:{sock.getsockname()[1]}",
+                            "max_connections": cap, "why": why, "header_timeout_s": settings.header_timeout_s,
+                            "keep_alive_s": settings.keep_alive_s})
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-                            timeout_graceful_shutdown=settings.grace_s, lifespan="on")
-    server = uvicorn.Server(config)
-    server.run()
+                            timeout_graceful_shutdown=settings.grace_s, lifespan="on", http=guarded_protocol(limits),
+                            timeout_keep_alive=settings.keep_alive_s, backlog=2048)
+    server = DrainingServer(config, app.state.serve, settings.drain_delay_s)
+    server.run(sockets=[sock])
     return 0 if server.started else 2
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound (uvicorn listens on it once the service is ready)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 if __name__ == "__main__":

@@ -21,12 +21,12 @@ import warnings
 from collections.abc import Callable
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from ganet.preprocess import Preprocessing, image_to_uint8
 from ganet.serve.errors import ServeError
 
-__all__ = ["FORMATS", "decode_image", "open_image", "jpeg_draft_scale", "resizer", "DRAFT_MARGIN",
+__all__ = ["FORMATS", "decode_image", "decode_opened", "load_opened", "open_image", "probe_image", "jpeg_draft_scale", "resizer", "DRAFT_MARGIN",
            "DRAFT_MIN_PIXELS"]
 
 FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO")  # MPO: multi-picture JPEG from phone cameras
@@ -39,6 +39,9 @@ DRAFT_MIN_PIXELS = 1_000_000  # below 1 MP a full decode costs <= ~6 ms (bench_j
 # process rather than warnings.catch_warnings() per image: that swaps the global filter list, which races when
 # several decode threads enter and leave it.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+# PNG text chunks are decompressed while the header is read, before any budget applies; Pillow allows 64 MB of
+# them. A classifier reads none: 4 MB is ample for real metadata (ICC, XMP) and bounds what a header can cost.
+PngImagePlugin.MAX_TEXT_MEMORY = 4 * 2**20
 
 
 def jpeg_draft_scale(size: tuple[int, int], prep: Preprocessing, margin: float = DRAFT_MARGIN,
@@ -58,9 +61,10 @@ def jpeg_draft_scale(size: tuple[int, int], prep: Preprocessing, margin: float =
     return 1
 
 
-def open_image(data: bytes, prep: Preprocessing, max_pixels: int, *, jpeg_draft: bool = True) -> Image.Image:
-    """The checked, decoded PIL image (at the DCT scale ``jpeg_draft_scale`` allows, unless ``jpeg_draft`` is
-    False), before ``image_to_uint8``. Raises ServeError 400/413/415 naming the problem."""
+def probe_image(data: bytes, prep: Preprocessing, max_pixels: int, *, jpeg_draft: bool = True
+                ) -> tuple[Image.Image, int]:
+    """The opened image (header read, no pixel decoded) and the JPEG DCT scale its decode will use (1: full).
+    Raises ServeError 400/413/415 naming the problem."""
     if not data:
         raise ServeError(400, "empty_body", f"the image is empty (0 bytes); {_EXPECTED}")
     try:
@@ -78,13 +82,29 @@ def open_image(data: bytes, prep: Preprocessing, max_pixels: int, *, jpeg_draft:
     if width * height > max_pixels:
         raise ServeError(413, "image_too_large", f"{img.format} image of {width}x{height} = {width * height} "
                                                  f"pixels exceeds the limit of {max_pixels} pixels")
+    if width < 1 or height < 1:
+        raise ServeError(400, "corrupt_image", f"{img.format} image of {width}x{height} pixels has no pixels")
+    draft = jpeg_draft_scale(img.size, prep) if jpeg_draft and img.format in ("JPEG", "MPO") else 1
+    return img, draft
+
+
+def load_opened(img: Image.Image, draft: int) -> Image.Image:
+    """Decode the pixels of a probed image (at 1/``draft`` scale for a JPEG). ServeError 400 if the stream is
+    truncated or corrupt."""
     try:
-        if jpeg_draft and img.format in ("JPEG", "MPO") and (scale := jpeg_draft_scale(img.size, prep)) > 1:
-            img.draft(img.mode, (width // scale, height // scale))  # same mode; libjpeg decodes at 1/scale
+        if draft > 1:
+            width, height = img.size
+            img.draft(img.mode, (width // draft, height // draft))  # same mode; libjpeg decodes at 1/scale
         img.load()  # GIF / TIFF: the first frame
     except Exception as e:  # truncated or corrupt stream: bad input, never a 500
         raise _corrupt(img.format, e) from None
     return img
+
+
+def open_image(data: bytes, prep: Preprocessing, max_pixels: int, *, jpeg_draft: bool = True) -> Image.Image:
+    """The checked, decoded PIL image (at the DCT scale ``jpeg_draft_scale`` allows, unless ``jpeg_draft`` is
+    False), before ``image_to_uint8``. Raises ServeError 400/413/415 naming the problem."""
+    return load_opened(*probe_image(data, prep, max_pixels, jpeg_draft=jpeg_draft))
 
 
 @functools.lru_cache(maxsize=1)
@@ -98,14 +118,21 @@ def resizer() -> tuple[Callable[[Image.Image, Preprocessing], np.ndarray], str]:
     return (native, "native") if native is not None else (image_to_uint8, "pillow")
 
 
-def decode_image(data: bytes, prep: Preprocessing, max_pixels: int, *, jpeg_draft: bool = True) -> np.ndarray:
-    """Decode ``data`` and return (3, S, S) uint8 RGB (``jpeg_draft=False``: always exactly ``image_to_uint8`` of
-    the full decode). Raises ServeError 400/413/415 naming the problem."""
-    img = open_image(data, prep, max_pixels, jpeg_draft=jpeg_draft)
+def decode_opened(img: Image.Image, prep: Preprocessing, draft: int = 1) -> np.ndarray:
+    """(3, S, S) uint8 RGB of a probed image (``probe_image``). Raises ServeError 400 naming the problem."""
+    load_opened(img, draft)
     try:
         return resizer()[0](img, prep)
     except Exception as e:  # an unsupported mode or a stream that fails late: bad input, never a 500
         raise _corrupt(img.format, e) from None
+
+
+def decode_image(data: bytes, prep: Preprocessing, max_pixels: int, *, jpeg_draft: bool = True) -> np.ndarray:
+    """Decode ``data`` and return (3, S, S) uint8 RGB (``jpeg_draft=False``: always exactly ``image_to_uint8`` of
+    the full decode). Raises ServeError 400/413/415 naming the problem. (The service decodes through
+    ``ganet.serve.decode``, which adds the decode budget between the header and the pixels.)"""
+    img, draft = probe_image(data, prep, max_pixels, jpeg_draft=jpeg_draft)
+    return decode_opened(img, prep, draft)
 
 
 def _corrupt(fmt: str | None, e: Exception) -> ServeError:

@@ -27,6 +27,13 @@ class Metrics:
                                     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128), registry=r)
         self.queue_depth = Gauge("ganet_queue_depth", "images waiting for inference", registry=r)
         self.images = Counter("ganet_images", "images run through the backend", registry=r)
+        self.connections = Gauge("ganet_connections", "open client connections", registry=r)
+        self.connections_closed = Counter("ganet_connections_closed", "connections the server closed or refused "
+                                          "by policy: header_timeout, evicted_idle, connection_cap", ["reason"],
+                                          registry=r)
+        self.decode_images = Counter("ganet_decode_images", "images decoded, by path (cpu, gpu) and why that path "
+                                     "(--decode gpu: jpeg on the GPU; format, mode, filter, nvjpeg on the CPU)",
+                                     ["path", "reason"], registry=r)
         self.gpu_memory = Gauge("ganet_gpu_memory_bytes", "GPU memory in use (only where the backend has a GPU)",
                                 registry=r)
 

@@ -1,4 +1,5 @@
-"""The page at ``/``: drop (or pick) an image, see the top-5. Self-contained: no CDN, no build step."""
+"""The page at ``/``: drop (or pick) an image, see the top classes (the server's default top_k: 5, or every class
+of a model with fewer). Self-contained: no CDN, no build step."""
 
 INDEX_HTML = """<!doctype html>
 <html lang="en">
@@ -43,7 +44,7 @@ async function classify(file) {
   const headers = {}; const key = document.getElementById("key").value;
   if (key) headers["Authorization"] = "Bearer " + key;
   try {
-    const response = await fetch("classify?top_k=5", { method: "POST", body: form, headers });
+    const response = await fetch("classify", { method: "POST", body: form, headers });
     const body = await response.json();
     if (!response.ok) { show("error " + response.status + ": " + body.error, true); return; }
     for (const p of body.predictions) {

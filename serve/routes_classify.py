@@ -1,7 +1,6 @@
 """``POST /classify``: encoded images in (multipart `file` parts or a raw image body), top-k labels out."""
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Annotated
 
@@ -10,7 +9,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from ganet.serve.app import StateDep, require_api_key
+from ganet.serve.app import StateDep, deadline_of, default_top_k, require_api_key
 from ganet.serve.errors import ERROR_RESPONSES, ServeError
 from ganet.serve.schemas import BatchClassifyResponse, ClassifyResponse, FileResult, Prediction, Timing
 
@@ -25,7 +24,8 @@ _BODY_DOC = {
                        "batch and answered in order).",
         "content": {
             "multipart/form-data": {"schema": {"type": "object", "properties": {
-                "file": {"type": "array", "items": {"type": "string", "format": "binary"}}}, "required": ["file"]}},
+                "file": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1}},
+                "required": ["file"]}},
             "image/*": {"schema": {"type": "string", "format": "binary"}},
         },
         "required": True,
@@ -81,26 +81,21 @@ async def _read_images(request: Request, max_files: int) -> list[tuple[str | Non
              responses={k: v for k, v in ERROR_RESPONSES.items() if k in (400, 401, 413, 415, 422, 503, 504)},
              summary="Classify one image, or several as one batch")
 async def classify(request: Request, state: StateDep,
-                   top_k: Annotated[int, Query(ge=1, description="how many classes to return (1..num_classes)")]
-                   = 5) -> Response:
+                   top_k: Annotated[int | None, Query(ge=1, description="how many classes to return (1..num_classes; "
+                                                      "default 5, or every class of a model with fewer)")]
+                   = None) -> Response:
     start = time.perf_counter()
     if state.spec is None:
         raise ServeError(503, "not_ready", "the model is not loaded yet", {"Retry-After": "1"})
+    if top_k is None:
+        top_k = default_top_k(state.spec.num_classes)
     if top_k > state.spec.num_classes:
         raise ServeError(422, "validation_error", f"top_k must be between 1 and {state.spec.num_classes} (the "
                                                   f"model's classes), got {top_k}")
+    deadline = deadline_of(request)
     files = await _read_images(request, state.settings.max_files)
-
-    async def decode(i: int, name: str | None, data: bytes):
-        try:
-            return await state.decode(data)
-        except ServeError as e:
-            if len(files) > 1:
-                e.message = f"file {i + 1} ({name}): {e.message}"
-            raise
-
-    decoded = await asyncio.gather(*(decode(i, n, d) for i, (n, d) in enumerate(files)))
-    results = await state.infer([image for image, _ in decoded])
+    decoded = await state.decode_all([d for _, d in files], deadline, [n for n, _ in files])
+    results = await state.infer([image for image, _ in decoded], deadline)
     timing = Timing(queue=max(r.queue_s for r in results) * 1e3, decode=sum(s for _, s in decoded) * 1e3,
                     inference=max(r.inference_s for r in results) * 1e3,
                     total=(time.perf_counter() - start) * 1e3)

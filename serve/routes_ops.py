@@ -13,7 +13,7 @@ __all__ = ["router"]
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/", response_class=HTMLResponse, summary="A page to drop an image on and see the top-5")
+@router.get("/", response_class=HTMLResponse, summary="A page to drop an image on and see the top classes")
 async def index() -> HTMLResponse:
     return HTMLResponse(INDEX_HTML)
 

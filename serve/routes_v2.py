@@ -7,19 +7,22 @@ the server decodes like /classify (binary extension: raw bytes; JSON: base64 str
 """
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
 import struct
+from dataclasses import dataclass
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from ganet.serve.app import ServeState, StateDep, _version, require_api_key
+from ganet.serve.app import ServeState, StateDep, _version, deadline_of, require_api_key
+from ganet.serve.budget import json_parse_bytes
+from ganet.serve.decode import run_budgeted
 from ganet.serve.errors import ERROR_RESPONSES, ServeError
+from ganet.serve.limits import header_int
 from ganet.serve.schemas import (V2InferRequest, V2InferResponse, V2ModelMetadata, V2ServerMetadata, V2Tensor,
                                  V2TensorMetadata)
 
@@ -53,7 +56,7 @@ async def live() -> dict:
 @router.get("/health/ready", summary="200 once the model is loaded and warmed up, 503 before and while stopping",
             responses={503: ERROR_RESPONSES[503]})
 async def ready(state: StateDep) -> dict:
-    if not state.ready:
+    if not state.ready or state.draining:
         raise ServeError(503, "not_ready", "not ready: the model is loading, warming up or shutting down")
     return {"ready": True}
 
@@ -99,10 +102,15 @@ async def model_ready_version(name: str, version: str, state: StateDep) -> dict:
     return await _model_ready(state, name, version)
 
 
-def unpack_bytes(raw: bytes) -> list[bytes]:
-    """Triton's binary BYTES serialisation: each element is a 4-byte little-endian length, then the bytes."""
+def unpack_bytes(raw: bytes, limit: int | None = None) -> list[bytes]:
+    """Triton's binary BYTES serialisation: each element is a 4-byte little-endian length, then the bytes. More
+    than ``limit`` elements is a 400 as soon as the next one starts (a 20 MB body of empty elements is not
+    unpacked into five million objects first)."""
     out, pos = [], 0
     while pos < len(raw):
+        if limit is not None and len(out) >= limit:
+            raise ServeError(400, "invalid_tensor", f"BYTES tensor: more than the {limit} elements its shape "
+                                                    "declares")
         if pos + 4 > len(raw):
             raise ServeError(400, "invalid_tensor", "BYTES tensor: truncated element length")
         (n,) = struct.unpack_from("<I", raw, pos)
@@ -114,19 +122,26 @@ def unpack_bytes(raw: bytes) -> list[bytes]:
     return out
 
 
-def _parse(body: bytes, header_length: str | None) -> tuple[V2InferRequest, bytes]:
-    if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
-            raise ServeError(400, "bad_request", f"Inference-Header-Content-Length {header_length!r} is not a length "
-                                                 f"within the {len(body)}-byte body")
-        json_part, binary = body[:int(header_length)], body[int(header_length):]
-    else:
-        json_part, binary = body, b""
+def _split(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
+    """The JSON header and the binary tensors after it (binary tensor extension), or the whole body as JSON."""
+    if header_length is None:
+        return body, b""
+    length = header_int(header_length)
+    if length is None or length > len(body):
+        shown = header_length if len(header_length) <= 40 else header_length[:40] + "..."
+        raise ServeError(400, "bad_request", f"Inference-Header-Content-Length {shown!r} is not a length (ASCII "
+                                             f"digits) within the {len(body)}-byte body")
+    return body[:length], body[length:]
+
+
+def _parse(json_part: bytes) -> V2InferRequest:
     try:
-        return V2InferRequest.model_validate_json(json_part), binary
+        return V2InferRequest.model_validate_json(json_part)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()[:5])
-        raise ServeError(400, "bad_request", f"invalid inference request: {problems}") from None
+        raise ServeError(400, "bad_request", f"invalid inference request: {problems[:2000]}") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise ServeError(400, "bad_request", f"invalid inference request: {str(e)[:500]}") from None
 
 
 def _pixels(tensor: V2Tensor, raw: bytes | None, sample: tuple[int, int, int]) -> np.ndarray:
@@ -135,15 +150,20 @@ def _pixels(tensor: V2Tensor, raw: bytes | None, sample: tuple[int, int, int]) -
     if len(shape) != 4 or shape[1:] != sample or shape[0] < 1:
         raise ServeError(400, "invalid_tensor", f"input {INPUT_NAME!r} {tensor.datatype}: expected shape "
                                                 f"[B, {', '.join(map(str, sample))}], got {list(shape)}")
-    dtype = np.uint8 if tensor.datatype == "UINT8" else np.dtype("<f4")
+    dtype = np.dtype(np.uint8) if tensor.datatype == "UINT8" else np.dtype("<f4")
     count = int(np.prod(shape))
+    data = tensor.data if tensor.data is not None else []
+    if raw is None and len(data) != count:  # before converting anything
+        raise ServeError(400, "invalid_tensor", f"input {INPUT_NAME!r}: shape {list(shape)} needs {count} values, "
+                                                f"got {len(data)}")
     try:
         if raw is not None:
-            values = np.frombuffer(raw, dtype=dtype)
+            values = np.frombuffer(raw, dtype=dtype) if len(raw) % dtype.itemsize == 0 else np.zeros(0, dtype)
         else:
-            values = np.asarray(tensor.data if tensor.data is not None else [], dtype=np.float64).reshape(-1)
-    except (ValueError, TypeError) as e:
-        raise ServeError(400, "invalid_tensor", f"input {INPUT_NAME!r}: data is not numeric ({e})") from None
+            values = np.asarray(data, dtype=np.float64).reshape(-1)
+    except (ValueError, TypeError, OverflowError) as e:  # strings, nested lists, nulls, integers past float64
+        raise ServeError(400, "invalid_tensor", f"input {INPUT_NAME!r}: data is not a flat list of numbers "
+                                                f"({type(e).__name__}: {str(e)[:200]})") from None
     if values.size != count:
         raise ServeError(400, "invalid_tensor", f"input {INPUT_NAME!r}: shape {list(shape)} needs {count} values, "
                                                 f"got {values.size}")
@@ -160,11 +180,16 @@ def _encoded(tensor: V2Tensor, raw: bytes | None) -> list[bytes]:
         raise ServeError(400, "invalid_tensor", f"BYTES input {INPUT_NAME!r}: expected shape [B] or [B, 1] of "
                                                 f"encoded images, got {list(shape)}")
     if raw is not None:
-        items = unpack_bytes(raw)
+        items = unpack_bytes(raw, limit=shape[0])
     else:
+        if tensor.data is not None and len(tensor.data) != shape[0]:
+            raise ServeError(400, "invalid_tensor", f"BYTES input: shape {list(shape)} but {len(tensor.data)} "
+                                                    "elements")
         try:
-            items = [base64.b64decode(str(x), validate=True) for x in (tensor.data or [])]
+            items = [base64.b64decode(x, validate=True) for x in (tensor.data or []) if isinstance(x, str)]
         except (binascii.Error, ValueError):
+            items = None
+        if items is None or len(items) != len(tensor.data or []):
             raise ServeError(400, "invalid_tensor", "BYTES input in JSON must hold base64-encoded images (or use "
                                                     "the binary tensor extension)") from None
     if len(items) != shape[0]:
@@ -172,19 +197,66 @@ def _encoded(tensor: V2Tensor, raw: bytes | None) -> list[bytes]:
     return items
 
 
+@dataclass
+class _Request:
+    req: V2InferRequest
+    images: list[np.ndarray] | None  # UINT8 / FP32 pixels
+    encoded: list[bytes] | None  # BYTES: encoded images still to decode
+
+
+def _prepare(json_part: bytes, binary: bytes, spec_shape: tuple[int, int, int], max_files: int) -> _Request:
+    """The request parsed and checked, its tensors unpacked: everything before decoding and inference (run on a
+    thread when the JSON is large)."""
+    req = _parse(json_part)
+    if len(req.inputs) != 1 or req.inputs[0].name != INPUT_NAME:
+        raise ServeError(400, "invalid_tensor", f"expected exactly one input named {INPUT_NAME!r}, got "
+                                                f"{[t.name for t in req.inputs][:8]}")
+    tensor = req.inputs[0]
+    size = (tensor.parameters or {}).get("binary_data_size")
+    raw = None
+    if size is not None:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0 or size > len(binary):
+            raise ServeError(400, "invalid_tensor", f"binary_data_size {str(size)[:40]!r} does not fit the "
+                                                    f"{len(binary)} binary bytes after the JSON header")
+        raw = binary[:size]
+    if tensor.datatype not in ("UINT8", "FP32", "BYTES"):
+        raise ServeError(400, "invalid_tensor", f"input {INPUT_NAME!r}: datatype {tensor.datatype[:40]!r} is not "
+                                                "accepted; expected UINT8, FP32 or BYTES")
+    if tensor.shape and tensor.shape[0] > max_files:  # before any pixel is parsed or decoded
+        raise ServeError(413, "too_many_files", f"{tensor.shape[0]} images exceed the limit of {max_files}")
+    for out in req.outputs or []:
+        if out.name != OUTPUT_NAME:
+            raise ServeError(400, "invalid_tensor", f"unknown output {out.name[:80]!r}; the model has "
+                                                    f"{OUTPUT_NAME!r}")
+    if tensor.datatype == "BYTES":
+        return _Request(req, None, _encoded(tensor, raw))
+    return _Request(req, list(_pixels(tensor, raw, spec_shape)), None)
+
+
+# JSON headers up to this size are parsed on the event loop (a tritonclient request's is ~200 bytes); larger ones
+# on a decode thread, inside the decode budget, so that a 64-image JSON body never stalls the other requests.
+INLINE_JSON_BYTES = 64 * 1024
+
+_INFER_DOC = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/V2InferRequest"}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
+                                 "description": "binary tensor extension: a JSON header of "
+                                                "Inference-Header-Content-Length bytes, then the binary tensors"}}},
+    "parameters": [{"name": "Inference-Header-Content-Length", "in": "header", "required": False,
+                    "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
+                    "description": "binary tensor extension: the length of the JSON header that starts the body; "
+                                   "the binary tensors (`binary_data_size` bytes each, in input order) follow"}]}
+
+
 @router.post("/models/{name}/infer", response_model=V2InferResponse, responses=_ERRORS,
              dependencies=[Depends(require_api_key)], summary="Inference (JSON or binary tensor extension)",
-             openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/json": {"schema": {"$ref": "#/components/schemas/V2InferRequest"}},
-                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
-                                              "description": "JSON header of Inference-Header-Content-Length "
-                                                             "bytes, then the binary tensors"}}}})
+             openapi_extra=_INFER_DOC)
 async def infer(name: str, request: Request, state: StateDep) -> Response:
     return await _infer(state, request, name, None)
 
 
 @router.post("/models/{name}/versions/{version}/infer", response_model=V2InferResponse, responses=_ERRORS,
-             dependencies=[Depends(require_api_key)], summary="Inference (versioned)")
+             dependencies=[Depends(require_api_key)], summary="Inference (versioned)", openapi_extra=_INFER_DOC)
 async def infer_version(name: str, version: str, request: Request, state: StateDep) -> Response:
     return await _infer(state, request, name, version)
 
@@ -193,33 +265,20 @@ async def _infer(state: ServeState, request: Request, name: str, version: str | 
     _check_model(state, name, version)
     if request.headers.get("content-encoding", "identity") != "identity":
         raise ServeError(415, "unsupported_media_type", "compressed requests are not accepted; send identity")
-    req, binary = _parse(await request.body(), request.headers.get("inference-header-content-length"))
-    if len(req.inputs) != 1 or req.inputs[0].name != INPUT_NAME:
-        raise ServeError(400, "invalid_tensor", f"expected exactly one input named {INPUT_NAME!r}, got "
-                                                f"{[t.name for t in req.inputs]}")
-    tensor = req.inputs[0]
-    size = (tensor.parameters or {}).get("binary_data_size")
-    raw = None
-    if size is not None:
-        if not isinstance(size, int) or size < 0 or size > len(binary):
-            raise ServeError(400, "invalid_tensor", f"binary_data_size {size!r} does not fit the {len(binary)} "
-                                                    "binary bytes after the JSON header")
-        raw = binary[:size]
-    if tensor.datatype not in ("UINT8", "FP32", "BYTES"):
-        raise ServeError(400, "invalid_tensor", f"input {INPUT_NAME!r}: datatype {tensor.datatype!r} is not "
-                                                "accepted; expected UINT8, FP32 or BYTES")
-    if tensor.shape and tensor.shape[0] > state.settings.max_files:  # before any pixel is parsed or decoded
-        raise ServeError(413, "too_many_files", f"{tensor.shape[0]} images exceed the limit of "
-                                                f"{state.settings.max_files}")
-    for out in req.outputs or []:
-        if out.name != OUTPUT_NAME:
-            raise ServeError(400, "invalid_tensor", f"unknown output {out.name!r}; the model has {OUTPUT_NAME!r}")
-    if tensor.datatype == "BYTES":
-        decoded = await asyncio.gather(*(state.decode(data) for data in _encoded(tensor, raw)))
-        images = [image for image, _ in decoded]
+    deadline = deadline_of(request)
+    json_part, binary = _split(await request.body(), request.headers.get("inference-header-content-length"))
+    args = (json_part, binary, state.spec.input_shape, state.settings.max_files)
+    if len(json_part) <= INLINE_JSON_BYTES:
+        parsed = _prepare(*args)
     else:
-        images = list(_pixels(tensor, raw, state.spec.input_shape))
-    results = await state.infer(images)
+        parsed = await run_budgeted(state.decode_pool, state.budget, json_parse_bytes(len(json_part)), deadline,
+                                    "the JSON request", _prepare, *args)
+    req = parsed.req
+    if parsed.encoded is not None:
+        images = [image for image, _ in await state.decode_all(parsed.encoded, deadline)]
+    else:
+        images = parsed.images
+    results = await state.infer(images, deadline)
     logits = np.stack([r.logits for r in results]).astype("<f4")  # (B, C)
     if req.outputs:
         wants_binary = bool((req.outputs[0].parameters or {}).get("binary_data", False))

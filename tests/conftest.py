@@ -33,7 +33,21 @@ def stand_in(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)  # the driver version then comes from the CUDA driver API
 
     def install(version: str):
-        trt = fake_tensorrt(version)
+        trt = fake_tensorrt(version, cudart)
         monkeypatch.setitem(sys.modules, "tensorrt", trt)
         return trt, cudart
     return install
+
+
+@pytest.fixture
+def record_gpu_figure():
+    """Figures for benchmarks/gpu_checks.sh's results folder: appended to $GANET_GPU_FIGURES (JSON lines) if set."""
+    import json
+    import os
+
+    def record(name: str, figures: dict) -> None:
+        path = os.environ.get("GANET_GPU_FIGURES")
+        if path:
+            with open(path, "a") as f:
+                f.write(json.dumps({"name": name, **figures}) + "\n")
+    return record

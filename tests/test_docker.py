@@ -220,21 +220,31 @@ def test_base_image_is_a_build_arg(instructions):
         assert f.args.split()[0] in stage_names | {"${BASE_IMAGE}", "$BASE_IMAGE"}, f
 
 
-def test_runtime_installs_the_serve_extra_and_no_torch(final_stage, pyproject):
-    runs = " ".join(i.args for i in final_stage if i.cmd == "RUN")
-    assert re.search(r"serve_requirements\.py \S*pyproject\.toml --extra serve --ort \"\$ORT_PACKAGE\"", runs), runs
-    assert re.search(r"pip install --no-cache-dir --no-deps /tmp/wheels/ganet-\S*\.whl", runs), runs
-    assert "torch" not in runs.replace("find_spec('torch')", "")
-    # What that RUN installs, with the Dockerfile's own defaults, from the real pyproject.toml:
-    ort = arg_default(final_stage, "ORT_PACKAGE")
-    trt = arg_default(final_stage, "TRT_PACKAGES")
-    reqs = serve_requirements.serve_requirements(ROOT / "pyproject.toml", ("serve",), ort) + trt.split()
+def test_runtime_installs_the_serve_extra_and_no_torch(instructions, final_stage, pyproject):
+    deps = [i for i in instructions if i.stage == "deps"]
+    app = [i for i in instructions if i.stage == "app"]
+    runs = " ".join(i.args for i in deps + app if i.cmd == "RUN")
+    assert re.search(r'for e in \$EXTRAS; do extras="\$extras --extra \$e"; done', runs), runs
+    assert re.search(r"serve_requirements\.py \S*pyproject\.toml \$extras --ort \"\$ORT_PACKAGE\"", runs), runs
+    assert re.search(r"pip --python /opt/ganet/bin/python install --no-cache-dir --no-deps --prefix /out "
+                     r"/tmp/wheels/ganet-\S*\.whl", runs), runs
+    assert "pip --python /opt/ganet/bin/python check" in runs and "find_spec('torch')" in runs
+    # What the deps stage installs, with the Dockerfile's own defaults, from the real pyproject.toml:
+    ort, trt, extras = (arg_default(deps, name) for name in ("ORT_PACKAGE", "TRT_PACKAGES", "EXTRAS"))
+    reqs = serve_requirements.serve_requirements(ROOT / "pyproject.toml", tuple(extras.split()), ort) + trt.split()
     names = {serve_requirements.requirement_name(r) for r in reqs}
     assert not names & {"torch", "torchvision", "triton"}, reqs
     assert {"onnxruntime", "fastapi", "uvicorn", "python-multipart", "pillow", "numpy"} <= names, reqs
-    assert ort == "onnxruntime" and trt == ""
-    every_pip = [i.args for i in final_stage if i.cmd == "RUN" and "pip install" in i.args]
-    assert all("--no-cache-dir" in a for a in every_pip)
+    assert ort == "onnxruntime" and trt == "" and extras == "serve" and arg_default(app, "EXTRAS") == extras
+    torch = serve_requirements.serve_requirements(ROOT / "pyproject.toml", ("serve", "torch"), ort)
+    assert "torch" in {serve_requirements.requirement_name(r) for r in torch}  # the GPU variant's EXTRAS
+    every_pip = [c for i in instructions if i.cmd == "RUN" for c in re.findall(r"bin/pip [^&|]*", i.args)]
+    assert len(every_pip) >= 4 and all("--no-cache-dir" in c for c in every_pip if " install " in c), every_pip
+    # the image itself: the venv copied without a pip (it was installed by /opt/pip, which stays behind)
+    copied = [flags_and_words(i.args) for i in final_stage if i.cmd == "COPY"]
+    assert [(f.get("from"), w) for f, w in copied][:2] == [("deps", ["/opt/ganet", "/opt/ganet"]),
+                                                           ("app", ["/out/", "/opt/ganet/"])]
+    assert not any("pip" in i.args for i in final_stage if i.cmd == "RUN")
 
 
 def test_serve_requirements_swaps_onnxruntime_once(tmp_path, pyproject):
@@ -386,6 +396,9 @@ def test_image_builds_and_serves(tmp_path_factory):
                            capture_output=True, text=True, timeout=900)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     build_s = time.monotonic() - start
+    size = int(subprocess.run(["podman", "image", "inspect", image, "--format", "{{.Size}}"], capture_output=True,
+                              text=True, timeout=60, check=True).stdout)
+    assert size < 400e6, f"the torch-free image is {size / 1e6:.1f} MB (target < 400 MB; 383.6 MB when measured)"
     timings = smoke_test.run_smoke_test(export, image, PODMAN_HERE.split(), RUN_ARGS_HERE.split(), grace=20)
     print(f"build {build_s:.0f} s, smoke {timings}")
     assert timings["max_score_diff"] <= 1e-4 and timings["stop_s"] < 20

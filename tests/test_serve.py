@@ -382,7 +382,8 @@ def test_metrics_page_and_openapi(client):
                  "ganet_queue_depth"):
         assert name in text, name
     page = client.get("/")
-    assert page.status_code == 200 and "classify?top_k=5" in page.text and "<script src" not in page.text
+    assert page.status_code == 200 and 'fetch("classify"' in page.text and "<script src" not in page.text
+    assert "top_k=" not in page.text  # the server's default fits the model (models with fewer than 5 classes)
     assert "http" not in page.text.split("<script>")[1]  # no CDN, no external fetch
     spec = client.get("/openapi.json").json()
     classify = spec["paths"]["/classify"]["post"]
@@ -416,11 +417,26 @@ def test_api_key_only_on_inference_routes(export_dir):
 # --- batching, overload, deadline -------------------------------------------------------------------------------------
 
 def test_alone_equals_in_a_batch(export_dir):
+    """Five images submitted together through the dynamic batcher run as one batch of 5 and get, each, what the
+    model answers for that image alone."""
+    from ganet.serve.batcher import DynamicBatcher
+
     backend, spec = load_backend(export_dir, "onnxruntime", intra_op_threads=1)
     imgs = np.stack([image_to_uint8(img, spec.preprocessing) for img in photos().values()])  # (5, 3, 32, 32)
-    batched = backend(imgs)
+    batcher = DynamicBatcher([backend], spec.max_batch, max_delay_us=300_000, queue_size=16)
+
+    async def submit_together():
+        return await asyncio.gather(*(batcher.submit(im, 30.0) for im in imgs))
+
+    try:
+        results = asyncio.run(submit_together())
+    finally:
+        batcher.close()
+    assert [r.batch_size for r in results] == [5] * 5  # one batch, not five
+    batched = np.stack([r.logits for r in results])
     alone = np.concatenate([backend(imgs[i:i + 1]) for i in range(len(imgs))])
     assert np.abs(batched - alone).max() <= 1e-6
+    assert np.abs(batched - batched[::-1]).max() > 1e-2  # different images, different answers: the order shows
 
 
 def test_onnxruntime_on_the_cpu_caps_batches_at_4_unless_told(client, export_dir):

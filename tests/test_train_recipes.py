@@ -223,8 +223,13 @@ def test_torchrun_two_gloo_processes(tmp_path):
     # The reduced held-out top-1 equals a single-process evaluation of the same weights on all 360 images.
     from ganet.train.engine import evaluate_checkpoint
 
-    single = evaluate_checkpoint(out / "last.safetensors", TrainConfig(device="cpu"))
-    assert single["images"] == 360 and single["top1"] == pytest.approx(_metrics(out)[-1]["top1"], abs=1e-9)
+    single, reduced = evaluate_checkpoint(out / "last.safetensors", TrainConfig(device="cpu")), _metrics(out)[-1]
+    assert single["images"] == 360
+    # The loss is summed over both shards: a missing or doubled shard moves it by half, rounding by ~1e-7.
+    assert single["loss"] == pytest.approx(reduced["val_loss"], rel=1e-4)
+    # After two epochs at 8x8 pixels the network sits near chance, with near-tied logits: CPU kernels chosen by batch
+    # size (oneDNN on AVX-512 here) can flip one of them, so top-1 may differ by one image of the 360.
+    assert abs(single["top1"] - reduced["top1"]) * 360 <= 1 + 1e-6
 
 
 # ---------------------------------------------------------------------------------------------------------- GPU

@@ -18,7 +18,7 @@ from ganet.train.presets import PRESETS
 
 EPILOG = """\
 examples:
-  ganet-train                                    # digits demo, ~2 min on 2 CPU cores
+  ganet-train                                    # the digits default, ~3 min on 2 CPU cores
   ganet-train --preset cifar100 --data-dir data --download
   ganet-train --preset nl-finetune --init runs/cifar100-baseline/best.safetensors
   ganet-train --preset imagenet --data-dir /data/imagenet --amp bf16 --channels-last --compile
@@ -34,10 +34,10 @@ outputs in --output: best.safetensors (deployable, best held-out top-1), last.sa
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ganet-train", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="ganet-train", allow_abbrev=False, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a GA-ShuffleNet (or any registered model) and write checkpoints in the ganet format. With "
                     "no arguments: ga_shufflenet_v2_cifar on the bundled handwritten digits (1,797 8x8 images, "
-                    "fixed 1,437/360 split), about 2 minutes on 2 CPU cores.",
+                    "fixed 1,437/360 split), about 3 minutes on 2 CPU cores.",
     )
     run = parser.add_argument_group("run")
     run.add_argument("--preset", choices=sorted(PRESETS), help="start from one of the paper's recipes "

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ganet.system import usable_cpus
+
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -35,12 +37,13 @@ class TrainConfig:
     init: str = _opt("", "initialise from this checkpoint's weights (layers whose names and shapes match; the rest "
                          "stay freshly initialised), e.g. a baseline for the Non-Local fine-tune")
     # Optimisation
-    epochs: int = _opt(10, "training epochs; the digits default reaches >= 95%% held-out top-1 in about 2 minutes "
+    epochs: int = _opt(10, "training epochs; the digits default reaches >= 95%% held-out top-1 in about 3 minutes "
                            "on 2 CPU cores")
     batch_size: int = _opt(64, "images per optimizer step, over all processes (each of N torchrun processes takes "
                                "batch_size / N)")
     lr: float = _opt(0.1, "peak learning rate of SGD, reached after the warm-up")
-    warmup_epochs: float = _opt(1.0, "linear warm-up from 0, then cosine decay to 0 at the last step")
+    warmup_epochs: float = _opt(1.0, "linear warm-up from 0, then cosine decay to 0 at the last step; a warm-up as "
+                                     "long as the run or longer is cut to half the run (so --epochs 1 works)")
     momentum: float = _opt(0.9, "SGD momentum")
     nesterov: bool = _opt(True, "Nesterov momentum")
     weight_decay: float = _opt(5e-4, "L2 weight decay")
@@ -57,7 +60,8 @@ class TrainConfig:
     channels_last: bool = _opt(False, "NHWC memory format (faster convolutions on tensor-core GPUs)")
     compile: bool = _opt(False, "torch.compile the model (slower start, faster steps on GPUs)")
     sync_bn: bool = _opt(False, "SyncBatchNorm across torchrun processes")
-    workers: int = _opt(4, "image-folder decoding processes per training process")
+    workers: int = _opt(min(4, usable_cpus()), "image-folder decoding processes per training process (the default: "
+                                               "4, or fewer where fewer CPUs are usable)")
     # Bookkeeping
     seed: int = _opt(0, "fixes the initial weights and every epoch's order and augmentation (resume stays exact)")
     output: str = _opt("runs/digits", "folder for best/last checkpoints, metrics.jsonl, config.json and "
@@ -73,19 +77,30 @@ class TrainConfig:
     def replace(self, overrides: dict[str, Any], source: str = "overrides") -> TrainConfig:
         return TrainConfig(**(self.to_dict() | _checked(overrides, source)))
 
-    def validate(self) -> None:
-        from ganet.train.datasets import DATASETS
+    def validate(self, check_data: bool = True) -> None:
+        """Raise one ValueError naming every problem: the model, the data (its folder, unless ``check_data`` is
+        False for data handed over in memory), then the numbers. Checks only; nothing is loaded or written."""
+        from ganet.models import model_info
+        from ganet.train.datasets import DATASETS, dataset_location_problem
 
         problems = []
+        try:
+            size_problem = model_info(self.model).input_size_problem(self.input_size)
+            if size_problem:
+                problems.append(size_problem)
+        except ValueError as e:  # an unknown model: the message lists the valid names
+            problems.append(str(e))
         if self.data not in DATASETS:
             problems.append(f"data must be one of {', '.join(DATASETS)}; got {self.data!r}")
+        elif check_data and (where := dataset_location_problem(self.data, self.data_dir, self.download)):
+            problems.append(where)
         for name in ("epochs", "batch_size", "input_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             problems.append(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_epochs < self.epochs:
-            problems.append(f"warmup_epochs must be in [0, epochs), got {self.warmup_epochs}")
+        if self.warmup_epochs < 0:
+            problems.append(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.amp not in AMP_MODES:
             problems.append(f"amp must be one of {', '.join(AMP_MODES)}; got {self.amp!r}")
         if self.device not in DEVICES:
@@ -94,8 +109,20 @@ class TrainConfig:
             problems.append("max_shift and workers must be >= 0")
         if self.init and not Path(self.init).is_file():
             problems.append(f"init checkpoint {self.init} does not exist")
+        if Path(self.output).exists() and not Path(self.output).is_dir():
+            problems.append(f"output {self.output} exists and is not a folder")
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems))
+
+    def fitted_schedule(self) -> tuple[TrainConfig, str | None]:
+        """This config with a warm-up that fits the run: one of ``epochs`` or more becomes half the run (so that
+        ``--epochs 1`` trains with the default warm-up); returns (config, the line to log, or None)."""
+        if self.epochs < 1 or self.warmup_epochs < self.epochs:
+            return self, None
+        half = self.epochs / 2
+        return (self.replace({"warmup_epochs": half}),
+                f"warm-up of {self.warmup_epochs:g} epochs does not fit a {self.epochs}-epoch run: warming up over "
+                f"the first {half:g} epochs")
 
 
 _FIELD_TYPES = {f.name: type(f.default) for f in fields(TrainConfig)}

@@ -35,7 +35,7 @@ from ganet.train.same_different import load_same_different
 
 __all__ = ["DATASETS", "IMAGE_EXTENSIONS", "DatasetNotFoundError", "DatasetFormatError", "CorruptImageError",
            "BadSample", "FolderSplit", "ImageFolderDataset", "build_dataset", "load_cifar", "load_imagefolder",
-           "collate_skip_bad", "load_same_different"]
+           "collate_skip_bad", "dataset_location_problem", "load_same_different"]
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "same-different")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
@@ -120,17 +120,39 @@ def load_cifar(name: str, data_dir: str | Path, download: bool = False) -> DataS
     if download:
         _download(spec, root)
     folder = root / spec.folder
-    expected = (*spec.train_files, *spec.test_files, spec.meta_file)
-    missing = [f for f in expected if not (folder / f).is_file()]
-    if missing:
-        where = f"{folder} does not exist" if not folder.is_dir() else f"missing: {', '.join(missing)}"
-        raise DatasetNotFoundError(
-            f"{spec.title} not found: looked for {folder}/{{{', '.join(expected)}}} ({where}). Pass --download to "
-            f"fetch it ({spec.archive_mib} MiB) into {root}, or place torchvision's {spec.folder} folder there.")
+    problem = _cifar_missing(spec, root)
+    if problem:
+        raise DatasetNotFoundError(problem)
     names = _read_class_names(folder / spec.meta_file, spec)
     return DataSplit(train=_read_batches(folder, spec.train_files, spec),
                      val=_read_batches(folder, spec.test_files, spec),
                      labels=names, preprocessing=Preprocessing(32, 32, spec.mean, spec.std, "bilinear"))
+
+
+def _cifar_missing(spec: _CifarSpec, root: Path) -> str | None:
+    """What is missing of a CIFAR folder in ``root``, said for the user; None when every file is there."""
+    folder = root / spec.folder
+    expected = (*spec.train_files, *spec.test_files, spec.meta_file)
+    missing = [f for f in expected if not (folder / f).is_file()]
+    if not missing:
+        return None
+    where = f"{folder} does not exist" if not folder.is_dir() else f"missing: {', '.join(missing)}"
+    return (f"{spec.title} not found: looked for {folder}/{{{', '.join(expected)}}} ({where}). Pass --download to "
+            f"fetch it ({spec.archive_mib} MiB) into {root}, or place torchvision's {spec.folder} folder there.")
+
+
+def dataset_location_problem(data: str, data_dir: str | Path | None, download: bool = False) -> str | None:
+    """Why data set ``data`` cannot be found in ``data_dir`` (None when it can, or when nothing is on disk to find):
+    a check of folders and files only, so that a config is judged as a whole before anything is loaded."""
+    if data in _CIFAR:
+        return None if download or data_dir is None else _cifar_missing(_CIFAR[data], Path(data_dir).expanduser())
+    if data == "imagefolder" and data_dir is not None:
+        root = Path(data_dir).expanduser()
+        for split_dir in (root / "train", root / "val"):
+            if not split_dir.is_dir():
+                return f"image folder data set: {split_dir} is not a folder (expected DATA_DIR/train/<class>/<image> " \
+                       "and DATA_DIR/val/<class>/<image>)"
+    return None
 
 
 def _download(spec: _CifarSpec, root: Path) -> None:

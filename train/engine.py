@@ -20,23 +20,29 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
 from ganet._io import atomic_write_bytes
-from ganet.checkpoint import load_checkpoint, save_checkpoint
+from ganet.checkpoint import CheckpointError, load_checkpoint, read_tensor_file_header, save_checkpoint
 from ganet.models import create_model
 from ganet.preprocess import Preprocessing
+from ganet.system import usable_cpus
 from ganet.train.config import TrainConfig
 from ganet.train.data import DataSplit, ImageTensors, augment, draw_augmentation, preprocess_batch
+
+if TYPE_CHECKING:  # imported where used: tensorboard loads slowly
+    from torch.utils.tensorboard import SummaryWriter
 
 STATE_FILE = "last.state.safetensors"
 Batch = tuple[torch.Tensor, torch.Tensor, list]  # images (B, 3, S, S) float, targets (B,), skipped [(path, why)]
@@ -178,9 +184,10 @@ class FolderBatches:
         self.seed = cfg.seed
         # Workers are started afresh every epoch from a generator seeded with (seed, epoch), so the augmentation
         # of a resumed run replays an uninterrupted one's.
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=cfg.workers,
-                                 collate_fn=collate_skip_bad, pin_memory=rt.device.type == "cuda",
-                                 drop_last=train, generator=torch.Generator())
+        with _no_worker_count_warning():
+            self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=cfg.workers,
+                                     collate_fn=collate_skip_bad, pin_memory=rt.device.type == "cuda",
+                                     drop_last=train, generator=torch.Generator())
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -191,8 +198,19 @@ class FolderBatches:
         self.loader.generator.manual_seed(self.seed * 100_003 + epoch)
         if self.loader.num_workers == 0:  # transforms then draw from this process's global generator
             torch.manual_seed(self.seed * 100_003 + epoch)
-        for x, y, bad in self.loader:
+        with _no_worker_count_warning():
+            batches = iter(self.loader)  # (starts the workers)
+        for x, y, bad in batches:
             yield x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True), bad
+
+
+@contextmanager
+def _no_worker_count_warning() -> Iterator[None]:
+    """Silence DataLoader's warning about more workers than CPUs: it came twice for each loader, and again every
+    epoch; fit() says it once instead."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
+        yield
 
 
 def make_batches(data, prep: Preprocessing, rt: Runtime, cfg: TrainConfig, *, train: bool,
@@ -225,6 +243,10 @@ def evaluate(model: nn.Module, batches, rt: Runtime, amp: torch.dtype | None = N
                              (top[:, 0] == y).sum().double(), (top == y[:, None]).any(dim=1).sum().double()])
         n += len(y)
     loss, c1, c5, n = rt.all_sum(sums.tolist() + [n])
+    if n == 0:
+        from ganet.train.datasets import CorruptImageError
+
+        raise CorruptImageError("the held-out split", "none of its images could be decoded")
     return loss / n, c1 / n, c5 / n, int(n)
 
 
@@ -280,18 +302,30 @@ def _load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     """Restore model, momentum and scaler; (epochs done, best top-1, the last epoch's metrics line)."""
     if not path.is_file():
         raise ValueError(f"cannot resume: {path} does not exist (the run stopped before its first epoch ended)")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
+    entries, meta = read_tensor_file_header(path)  # a corrupt file: CheckpointError naming it, before any load
+    mine = {f"model.{k}": tuple(v.shape) for k, v in model.state_dict().items()}
+    params = dict(model.named_parameters())
+    mine |= {f"momentum.{k}": tuple(p.shape) for k, p in params.items()}
+    misfit = [k for k, e in entries.items() if mine.get(k) != e.shape] + \
+        [k for k in mine if k.startswith("model.") and k not in entries]
+    if misfit:
+        raise CheckpointError(path, f"does not fit model {type(model).__name__} of this config ({len(misfit)} tensors "
+                                    f"missing, unknown or of another shape, e.g. {misfit[0][:80]}); resume with the "
+                                    "run's own --model")
+    try:
+        done, best, scaler_state = int(meta["epochs_done"]), float(meta["best_top1"]), meta.get("scaler")
+        scaler_state = json.loads(scaler_state) if scaler_state else None
+    except (KeyError, ValueError, RecursionError) as e:
+        raise CheckpointError(path, f"invalid resume state metadata ({type(e).__name__}: {e})") from None
     device = next(model.parameters()).device
     tensors = load_file(str(path), device=str(device))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
-    params = dict(model.named_parameters())
     for k, v in tensors.items():
         if k.startswith("momentum."):
             optimizer.state[params[k[9:]]]["momentum_buffer"] = v
-    if meta.get("scaler"):
-        scaler.load_state_dict(json.loads(meta["scaler"]))
-    return int(meta["epochs_done"]), float(meta["best_top1"]), meta.get("metrics")
+    if scaler_state:
+        scaler.load_state_dict(scaler_state)
+    return done, best, meta.get("metrics")
 
 
 def _metrics_epoch(line: str) -> float:
@@ -330,19 +364,28 @@ class _Progress:
 # ------------------------------------------------------------------------------------------------------------ fit
 def fit(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = print,
         data: DataSplit | None = None) -> Path:
-    """Train ``cfg.model`` on ``cfg.data`` (or on ``data`` given in memory); returns the path of best.safetensors."""
-    cfg.validate()
+    """Train ``cfg.model`` on ``cfg.data`` (or on ``data`` given in memory); returns the path of best.safetensors.
+
+    Nothing is written before the first epoch ends: a run that is refused or fails before then (bad config, missing
+    data, a NaN loss or a corrupt image in a --strict first epoch) leaves no output folder and no file behind.
+    """
+    cfg, schedule_note = cfg.fitted_schedule()
+    cfg.validate(check_data=data is None)
     rt = setup_runtime(cfg)
     log = log if rt.is_main else (lambda *_: None)
+    if schedule_note:
+        log(schedule_note)
     out = Path(cfg.output)
-    if rt.is_main:
-        out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     if data is None:
         from ganet.train.datasets import build_dataset
 
         data = build_dataset(cfg.data, data_dir=cfg.data_dir, input_size=cfg.input_size, download=cfg.download,
                              strict=cfg.strict)
+    cfg = _fitted_batch(cfg, len(data.train), rt, log)
+    if not isinstance(data.train, ImageTensors) and cfg.workers > usable_cpus():
+        log(f"--workers {cfg.workers} is more than the {usable_cpus()} CPUs this process may use: image decoding may "
+            f"slow down rather than speed up (the default is {min(4, usable_cpus())} here)")
     prep = data.preprocessing
     train_batches = make_batches(data, prep, rt, cfg, train=True)
     val_batches = make_batches(data, prep, rt, cfg, train=False)
@@ -362,7 +405,7 @@ def fit(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = pri
     amp = autocast_dtype(cfg, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=amp is torch.float16)
 
-    start_epoch, best_top1 = 0, -1.0
+    start_epoch, best_top1, last_metrics = 0, -1.0, None
     metrics_path = out / "metrics.jsonl"
     if resume:
         start_epoch, best_top1, last_metrics = _load_state(out / STATE_FILE, model, optimizer, scaler)
@@ -376,23 +419,11 @@ def fit(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = pri
     if cfg.compile:
         step_model = torch.compile(step_model)
 
-    writer = None
-    if rt.is_main:
-        if resume:  # drop what the killed run logged after its last saved epoch
-            # Lines before the saved epoch, then the saved epoch's own line from the state (whether or not the
-            # killed run appended it); a torn or later line is dropped: those epochs run again.
-            cut = start_epoch - 1 if last_metrics else start_epoch  # (state files from before the line rode along)
-            kept = [line for line in metrics_path.read_text().splitlines()
-                    if _metrics_epoch(line) < cut] if metrics_path.exists() else []
-            kept += [last_metrics] if last_metrics else []
-            atomic_write_bytes(metrics_path, "".join(line + "\n" for line in kept).encode())
-        else:
-            metrics_path.unlink(missing_ok=True)
-        atomic_write_bytes(out / "config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tensorboard"), purge_step=start_epoch + 1 if resume else None)
+    writer = None  # a fresh run opens its outputs when its first epoch ends; a resumed one has them already
+    if rt.is_main and resume:
+        writer = _open_outputs(out, cfg, resume, start_epoch, last_metrics)
     checkpoint_args = dict(model_name=cfg.model, labels=data.labels, preprocessing=prep)
+    data_record = data_provenance(cfg)
     check_every = 1 if rt.device.type == "cpu" else 50  # a finiteness check syncs the GPU: do it now and then
 
     for epoch in range(start_epoch, cfg.epochs):
@@ -428,9 +459,10 @@ def fit(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = pri
                 finite = rt.all_sum([float(not torch.isfinite(loss_sum))])[0] == 0
                 if not finite:
                     bar.close()
-                    raise NonFiniteLossError(
-                        f"loss is not finite at epoch {epoch + 1}, step {i + 1}; the last good checkpoint is "
-                        f"{out / 'last.safetensors'} (try a lower --lr{', or --amp bf16' if amp else ''})")
+                    kept = (f"the last good checkpoint is {out / 'last.safetensors'}" if epoch > 0
+                            else "no checkpoint was written")
+                    raise NonFiniteLossError(f"loss is not finite at epoch {epoch + 1}, step {i + 1}; {kept} (try a "
+                                             f"lower --lr{', or --amp bf16' if amp else ''})")
             # loss.item() waits for the GPU: only when a bar will show it
             bar.update(loss.item() if bar.shown and i % 10 == 0 else None, seen * rt.world / (time.perf_counter() - t0))
         bar.close()
@@ -438,11 +470,18 @@ def fit(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = pri
             torch.cuda.synchronize(rt.device)
         epoch_s = time.perf_counter() - t0
         train_loss, total_seen, n_skipped = rt.all_sum([loss_sum.item(), seen, len(skipped)])
+        if total_seen == 0:
+            from ganet.train.datasets import CorruptImageError
+
+            raise CorruptImageError(cfg.data_dir, f"no training image of epoch {epoch + 1} could be decoded "
+                                    f"({int(n_skipped)} skipped)")
         val_loss, top1, top5, _ = evaluate(model, val_batches, rt, amp, cfg.channels_last, cfg.strict)
         m = EpochMetrics(epoch, train_loss / total_seen, val_loss, top1, top5, lr, total_seen / epoch_s, epoch_s,
                          int(n_skipped))
         if rt.is_main:
-            extra = {"epoch": epoch + 1, "top1": top1, "top5": top5, "data": cfg.data}
+            if writer is None:
+                writer = _open_outputs(out, cfg, resume, start_epoch, last_metrics)
+            extra = {"epoch": epoch + 1, "top1": top1, "top5": top5} | data_record
             save_checkpoint(out / "last.safetensors", model, extra=extra, **checkpoint_args)
             if top1 > best_top1:
                 save_checkpoint(out / "best.safetensors", model, extra=extra, **checkpoint_args)
@@ -462,6 +501,49 @@ def fit(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = pri
     if rt.world > 1:
         dist.barrier()
     return out / "best.safetensors"
+
+
+def data_provenance(cfg: TrainConfig) -> dict[str, str]:
+    """What a checkpoint records about its data, so that ganet-export can reach the same held-out split: the data
+    set's name and, for data on disk, its folder as an absolute path."""
+    record = {"data": cfg.data}
+    if cfg.data != "digits":
+        record["data_dir"] = str(Path(cfg.data_dir).expanduser().resolve())
+    return record
+
+
+def _fitted_batch(cfg: TrainConfig, n_train: int, rt: Runtime, log: Callable[[str], None]) -> TrainConfig:
+    """``cfg`` with a batch no larger than the training set (rounded down to a multiple of the processes), so that a
+    small data set still has a full step per epoch; says so when it changes anything."""
+    if cfg.batch_size <= n_train:
+        return cfg
+    batch = n_train // rt.world * rt.world
+    if batch < 1:
+        raise ValueError(f"the training set has {n_train} images, fewer than the {rt.world} torchrun processes")
+    log(f"batch size {cfg.batch_size} is more than the {n_train} training images: training with batches of "
+        f"{batch}, one step per epoch")
+    return cfg.replace({"batch_size": batch})
+
+
+def _open_outputs(out: Path, cfg: TrainConfig, resume: bool, start_epoch: int,
+                  last_metrics: str | None) -> SummaryWriter:
+    """Create the run's files once its first epoch has ended: config.json, metrics.jsonl (trimmed to the saved
+    state on resume) and the TensorBoard writer."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    metrics_path = out / "metrics.jsonl"
+    if resume:  # drop what the killed run logged after its last saved epoch
+        # Lines before the saved epoch, then the saved epoch's own line from the state (whether or not the
+        # killed run appended it); a torn or later line is dropped: those epochs run again.
+        cut = start_epoch - 1 if last_metrics else start_epoch  # (state files from before the line rode along)
+        kept = [line for line in metrics_path.read_text().splitlines()
+                if _metrics_epoch(line) < cut] if metrics_path.exists() else []
+        kept += [last_metrics] if last_metrics else []
+        atomic_write_bytes(metrics_path, "".join(line + "\n" for line in kept).encode())
+    else:
+        metrics_path.unlink(missing_ok=True)
+    atomic_write_bytes(out / "config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+    return SummaryWriter(str(out / "tensorboard"), purge_step=start_epoch + 1 if resume else None)
 
 
 def _handle_bad_images(bad: list, strict: bool) -> None:

@@ -14,7 +14,7 @@ from ganet.kernels import KernelUnavailable, build_library
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ganet.kernels", description=__doc__,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m ganet.kernels", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", type=Path, help="where to write libganet_ops.so")
     parser.add_argument("--march", default="native", help="gcc -march (default: native, this CPU)")

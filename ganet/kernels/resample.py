@@ -24,7 +24,7 @@ from PIL import Image
 from ganet.kernels import KernelUnavailable, library_path
 from ganet.preprocess import Preprocessing, crop_box, image_to_uint8, to_rgb
 
-__all__ = ["load", "coefficients", "resample_rgb_chw", "PASS_ORDERS"]
+__all__ = ["load", "coefficients", "resample_rgb_chw", "identical_to_pillow", "PASS_ORDERS"]
 
 log = logging.getLogger("ganet.kernels")
 
@@ -131,8 +131,12 @@ def _to_uint8(img: Image.Image, prep: Preprocessing, order: str) -> np.ndarray:
 
 
 def _identical_to_pillow(order: str) -> bool:
-    """Both filters, down- and upscaling, landscape and portrait (both pass orders), odd boxes, on noisy images
-    with hard edges (clipping happens)."""
+    return identical_to_pillow(functools.partial(_to_uint8, order=order))
+
+
+def identical_to_pillow(to_uint8: Callable[[Image.Image, Preprocessing], np.ndarray]) -> bool:
+    """Whether ``to_uint8`` gives ``image_to_uint8``'s bytes: both filters, down- and upscaling, landscape and
+    portrait (both pass orders), odd boxes, on noisy images with hard edges (clipping happens)."""
     rng = np.random.default_rng(0)
     for shape in ((61, 150, 3), (150, 61, 3)):
         pixels = rng.integers(0, 256, shape, dtype=np.uint8)
@@ -142,7 +146,7 @@ def _identical_to_pillow(order: str) -> bool:
         for interpolation in _FILTERS:
             for input_size, resize_size in ((24, 27), (40, 48), (77, 96)):
                 prep = Preprocessing(input_size, resize_size, (0.5,) * 3, (0.5,) * 3, interpolation)
-                if not np.array_equal(_to_uint8(image, prep, order), image_to_uint8(image, prep)):
+                if not np.array_equal(to_uint8(image, prep), image_to_uint8(image, prep)):
                     return False
     return True
 

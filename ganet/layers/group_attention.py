@@ -151,18 +151,25 @@ class GroupAttention(nn.Module):
         xg = x.reshape(b, g, c, n)
         inplace = not torch.is_grad_enabled()  # free to overwrite our own intermediates
         reuse_input = inplace and self.inplace  # ... and the input
+        # fp16/bf16 models (a converted copy for GPU serving): the small (B, G, N) maps -- normalisation, sigmoid,
+        # softmax -- are computed in fp32, as the fp16 islands of the export are (export/fp16.py: a sum of squares
+        # over H*W overflows fp16, the softmax loses its small weights); the feature-map products stay in x's dtype.
+        # For fp32 (and fp64) models both .to() calls return their input: nothing changes.
+        low = x.dtype
+        island = torch.float32 if low in (torch.float16, torch.bfloat16) else low
 
         if not self.use_u4p:  # Table 2 "-U4P": unary relation only
-            logits = torch.matmul(self.u4u_conv.weight.view(g, ch), x.reshape(b, ch, n))
-            u = self._unary_mask(logits, inplace).unsqueeze(2)
+            logits = torch.matmul(self.u4u_conv.weight.view(g, ch), x.reshape(b, ch, n)).to(island)
+            u = self._unary_mask(logits, inplace).unsqueeze(2).to(low)
             return (xg.mul_(u) if reuse_input else xg * u).view(b, ch, h, w)
 
         # One pass over x for every logit map: (3G, C) @ (B, C, N) -> (B, 3G, N).
-        logits = torch.matmul(self._group_weights(), x.reshape(b, ch, n))
+        logits = torch.matmul(self._group_weights(), x.reshape(b, ch, n)).to(island)
         if self.use_u4u:
             u = self._unary_mask(logits[:, :g], inplace)  # (B, G, N), eq. (1)
             pair_logits = logits[:, g:].view(b, 2, g, n) * u.unsqueeze(1)  # conv_g(x * u) = u * conv_g(x)
-            x_unary = xg.mul_(u.unsqueeze(2)) if reuse_input else xg * u.unsqueeze(2)  # (B, G, C/G, N), eq. (2)
+            u = u.to(low).unsqueeze(2)
+            x_unary = xg.mul_(u) if reuse_input else xg * u  # (B, G, C/G, N), eq. (2)
         else:
             pair_logits = logits.view(b, 2, g, n)
             x_unary = xg
@@ -173,8 +180,8 @@ class GroupAttention(nn.Module):
             pair_logits = self._affine_norm(pair_logits, gamma, beta, inplace)
         else:
             pair_logits = pair_logits + torch.stack([self.pool_conv.bias, self.assign_conv.bias]).view(1, 2, g, 1)
-        pool_mask = torch.softmax(pair_logits[:, 0], dim=-1)  # (B, G, N), eq. (3)
-        assign_mask = pair_logits[:, 1].sigmoid_() if inplace else pair_logits[:, 1].sigmoid()  # eq. (5)
+        pool_mask = torch.softmax(pair_logits[:, 0], dim=-1).to(low)  # (B, G, N), eq. (3)
+        assign_mask = (pair_logits[:, 1].sigmoid_() if inplace else pair_logits[:, 1].sigmoid()).to(low)  # eq. (5)
 
         # eq. (4), weighted-mean reading: (B, G, 1, N) @ (B, G, N, C/G) -> (B, G, 1, C/G). This operand order runs
         # ~10x faster on CPU than (.., C/G, N) @ (.., N, 1): the reduction runs over the contiguous N of both.

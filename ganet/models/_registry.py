@@ -10,7 +10,12 @@ from torch import nn
 
 from ganet.preprocess import Preprocessing
 
-__all__ = ["ModelInfo", "register_model", "create_model", "list_models", "model_info"]
+__all__ = ["MAX_INPUT_SCALE", "ModelInfo", "register_model", "create_model", "list_models", "model_info"]
+
+
+# The largest input side accepted, as a multiple of the side a model is built for: compute grows with its square
+# (16x at 4x), and a CIFAR form fed ImageNet's 224 (7x: 49x the compute, 9.5 GMACs an image) is a mislabelled model.
+MAX_INPUT_SCALE = 4
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,18 @@ class ModelInfo:
 
     def default_preprocessing(self) -> Preprocessing:
         return Preprocessing.for_input_size(self.input_size)
+
+    def input_size_problem(self, input_size: int) -> str | None:
+        """Why ``input_size`` does not fit this model (None when it does): at most MAX_INPUT_SCALE x its own side."""
+        if input_size <= MAX_INPUT_SCALE * self.input_size:
+            return None
+        ratio = (input_size / self.input_size) ** 2
+        other = ("the ImageNet form (without _cifar) downsamples 4x in its stem" if self.input_size == 32
+                 else "the _cifar form keeps full resolution through stage 2")
+        return (f"{self.name} is built for {self.input_size}x{self.input_size} inputs and is asked for "
+                f"{input_size}x{input_size}, {ratio:.0f}x the pixels and compute per image (at most "
+                f"{MAX_INPUT_SCALE * self.input_size}x{MAX_INPUT_SCALE * self.input_size} is accepted); for large "
+                f"inputs pick a model built for them ({other})")
 
 
 _MODELS: dict[str, ModelInfo] = {}
