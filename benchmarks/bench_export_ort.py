@@ -4,7 +4,7 @@ against its same-width baseline inside ONNX Runtime: with the standard graph (mo
 the stem one node), which ganet-serve runs on CPUs. "blocks only" fuses the GA blocks and nothing else, so that
 against the baseline (which keeps its shuffles and stem as exported too) it measures what the GA blocks cost.
 
-Targets (issue 4), on the development machine: ORT fp32 at batch 1 and 32 is >= 2x faster than PyTorch eager for
+Targets, on the development machine: ORT fp32 at batch 1 and 32 is >= 2x faster than PyTorch eager for
 ga_shufflenet_v2 (224x224) and ga_shufflenet_v2_cifar (32x32); at batch 32 in ORT, GA costs <= 1.15x its
 same-width baseline (shufflenet_v2_g15 at 224, shufflenet_v2_cifar at 32). Every model is exported exactly as
 ``ganet-export`` does it (uint8 input, normalisation in the graph). Runs are interleaved (torch GA, ORT GA,
@@ -75,37 +75,56 @@ def op_profile(path: Path, images: np.ndarray, threads: int, runs: int = 5, kern
     return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
 
 
+def export_variants(model: torch.nn.Module, prep: Preprocessing, folder: Path, max_batch: int,
+                    calibration: np.ndarray, fused: bool = True, int8: bool = True) -> dict[str, Path]:
+    """The graphs ganet-export writes, by the same functions, into ``folder`` (its file names): ``onnx``
+    (model.onnx), ``fused`` (model.fused.onnx: GA blocks, their shuffles and the ImageNet stem fused; GA models
+    only), ``fused_blocks_only`` (the GA blocks alone fused: what they cost), ``int8`` (QDQ, calibrated on
+    ``calibration``: speed does not depend on which images)."""
+    import onnx
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"onnx": folder / "model.onnx"}
+    export_onnx(model, prep, paths["onnx"], max_batch=max_batch)
+    if fused:
+        graph = onnx.load(str(paths["onnx"]))
+        for key, more in (("fused", True), ("fused_blocks_only", False)):
+            fused_graph, blocks = fuse_group_attention(graph, ImageModel(model, prep), fold_shuffles=more,
+                                                       fuse_stem=more)
+            if blocks:  # (a model without GA blocks has no fused graph)
+                paths[key] = folder / f"model.{key}.onnx"
+                onnx.save(fused_graph, str(paths[key]))
+    if int8:
+        paths["int8"] = folder / "model.int8.onnx"
+        quantize_int8(paths["onnx"], paths["int8"], calibration)
+    return paths
+
+
+def torch_runner(model: torch.nn.Module, prep: Preprocessing):
+    """PyTorch eager on the uint8 batch, normalised as the exported graph does it."""
+    def run(images: np.ndarray):
+        with torch.inference_mode():
+            return model(normalize_uint8(torch.from_numpy(images), prep))
+    return run
+
+
 def bench_size(size: int, batches: list[int], rounds: int, profile: bool, tmp: Path, threads: int) -> dict:
     prep = Preprocessing.for_input_size(size)
     ga_name, base_name = MODELS[size]
     torch.manual_seed(0)
     ga, base = build(ga_name), build(base_name)
-    paths = {name: tmp / f"{name}.onnx" for name in (ga_name, base_name)}
-    for model, name in ((ga, ga_name), (base, base_name)):
-        export_onnx(model, prep, paths[name], max_batch=max(batches))
-    import onnx
-
-    fused_path, kept_path = tmp / f"{ga_name}.fused.onnx", tmp / f"{ga_name}.fused_blocks_only.onnx"
-    for path, more in ((fused_path, True), (kept_path, False)):
-        fused = fuse_group_attention(onnx.load(str(paths[ga_name])), ImageModel(ga, prep), fold_shuffles=more,
-                                     fuse_stem=more)[0]
-        onnx.save(fused, str(path))
     photos = photographs(prep).images
-    int8_path = tmp / f"{ga_name}.int8.onnx"
-    quantize_int8(paths[ga_name], int8_path, photos)  # speed only: any calibration set gives the same kernels
-
-    def torch_runner(model):
-        def run(images: np.ndarray):
-            with torch.inference_mode():
-                return model(normalize_uint8(torch.from_numpy(images), prep))
-        return run
+    ga_paths = export_variants(ga, prep, tmp / ga_name, max(batches), photos)
+    base_paths = export_variants(base, prep, tmp / base_name, max(batches), photos, fused=False, int8=False)
+    paths = {ga_name: ga_paths["onnx"], base_name: base_paths["onnx"]}
+    fused_path, kept_path = ga_paths["fused"], ga_paths["fused_blocks_only"]
 
     # Spinning off: idle ORT threads would otherwise busy-wait through the next runner's turn.
-    runners = {"torch_ga": torch_runner(ga), "ort_ga": ort_runner(paths[ga_name], threads, spinning=False),
+    runners = {"torch_ga": torch_runner(ga, prep), "ort_ga": ort_runner(paths[ga_name], threads, spinning=False),
                "ort_ga_fused": ort_runner(fused_path, threads, spinning=False, kernels=True),
                "ort_ga_fused_blocks_only": ort_runner(kept_path, threads, spinning=False, kernels=True),
                "ort_base": ort_runner(paths[base_name], threads, spinning=False),
-               "ort_ga_int8": ort_runner(int8_path, threads, spinning=False)}
+               "ort_ga_int8": ort_runner(ga_paths["int8"], threads, spinning=False)}
     result = {"models": {"ga": ga_name, "baseline": base_name}, "by_batch": {}}
     for b in batches:
         images = np.resize(photos, (b, 3, size, size))

@@ -1,6 +1,6 @@
 """CPU latency of GA-ShuffleNetV2 against a plain ShuffleNetV2 of the same widths (120/240/480), torch eager.
 
-Targets (issue 2): at batch 32, GA costs at most 1.30x the plain model at 32x32 (CIFAR form) and 1.15x at
+Targets: at batch 32, GA costs at most 1.30x the plain model at 32x32 (CIFAR form) and 1.15x at
 224x224 (ImageNet form). The runs are interleaved (plain, GA, straightforward GA, plain, GA, ...) so that machine
 noise hits all models alike; we report each model's median latency and the median and spread (min, quartiles,
 max) of the per-round ratios. "straightforward" is the same GA model running the direct transcription of the

@@ -1,11 +1,12 @@
 """Serving throughput: ganet-serve (dynamic batching, ONNX Runtime CPU) against naive FastAPI servers.
 
-Targets (issue 5), GA-ShuffleNetV2 at 224x224, 16 concurrent keep-alive clients POSTing a real 640x427 JPEG
+Targets, GA-ShuffleNetV2 at 224x224, 16 concurrent keep-alive clients POSTing a real 640x427 JPEG
 (sklearn's china.jpg, quality 90) to /classify for --duration seconds each:
   * ganet-serve throughput >= 1.4x the naive ONNX Runtime server and >= 8x the naive PyTorch eager server
     (benchmarks/naive_server.py: decode + batch-of-1 inference per request, either in FastAPI's threadpool --
     `ort`, `torch` -- or inline in an async endpoint, as most tutorials write it -- `ort_async`, `torch_async`;
-    the issue's calibration, ~95 and ~15 images/s here, matches neither exactly, so both are measured);
+    the targets were set expecting ~95 and ~15 images/s from the naive servers, which matches neither style
+    exactly, so both are measured);
   * at half of ganet-serve's peak throughput (open loop, Poisson arrivals), p99 latency <= 3x p50;
   * CPU time per image inside ganet-serve, split into HTTP (the event loop: parsing, multipart, routing, JSON,
     logs, metrics), decode and inference, so that the next bottleneck is visible.
@@ -22,10 +23,16 @@ to the wall-time sums of ganet-serve's Prometheus /metrics.
     python benchmarks/bench_serve.py --servers ours,ort --serve-arg=--precision=int8   # exports INT8 too
     python benchmarks/bench_serve.py --servers ours,torch,torch_async --torch-device cuda \
         --serve-arg=--backend=torch --serve-arg=--device=cuda                     # on a GPU: PyTorch on both sides
+    python benchmarks/bench_serve.py --servers ours_single,ours_fe1,ours_fe2,ours_reuse2,ort   # process layouts
     python benchmarks/bench_serve.py --servers ours --checkpoint-only --clients 64,128,256 \
         --generator-processes 4 --serve-arg=--backend=torch --serve-arg=--max-batch=256   # GPU serving at scale
 
 On a GPU host each window also samples the GPU's utilisation through NVML (nvidia-ml-py) every 100 ms.
+
+ganet-serve's process layouts, each a server name: `ours` (its defaults), `ours_single` (--frontends 0: one
+process), `ours_feN` (--frontends N: N HTTP processes feeding one model owner through shared memory), `ours_reuseN`
+(N independent one-process instances sharing the port with --reuse-port). Server CPU is summed over every process
+of a layout; for `ours_feN` it is also split between the model owner and the front ends.
 
 Writes benchmarks/results/serve_<date>.json.
 """
@@ -40,6 +47,7 @@ import math
 import os
 import platform
 import random
+import re
 import resource
 import shutil
 import socket
@@ -133,12 +141,44 @@ class Server:
     proc: subprocess.Popen
     port: int
     log: Path
+    others: list[subprocess.Popen] = field(default_factory=list)  # more instances on the same port (--reuse-port)
+
+    def pids(self) -> list[int]:
+        """Every process of the server: the instances and their children (ganet-serve --frontends' front ends)."""
+        tops = [self.proc.pid] + [p.pid for p in self.others]
+        return tops + sorted(descendants(tops))
 
     def cpu_s(self) -> float:
-        return proc_cpu_s(f"/proc/{self.proc.pid}/stat")
+        return sum(process_cpu(self.pids()).values())
 
     def stop(self) -> None:
-        stop_process(self.proc)
+        for proc in [self.proc, *self.others]:
+            stop_process(proc)
+
+
+def descendants(pids: list[int]) -> set[int]:
+    """Live processes below ``pids`` (from /proc/*/stat's parent field)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+    found, frontier = set(), set(pids)
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def process_cpu(pids: list[int]) -> dict[int, float]:
+    out = {}
+    for pid in pids:
+        try:
+            out[pid] = proc_cpu_s(f"/proc/{pid}/stat")
+        except (OSError, IndexError):  # exited meanwhile
+            pass
+    return out
 
 
 def proc_cpu_s(stat_path: str) -> float:
@@ -147,18 +187,28 @@ def proc_cpu_s(stat_path: str) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def start(name: str, argv: list[str], ready_path: str, tmp: Path, env: dict[str, str] | None = None) -> Server:
-    """argv gets --port; wait until GET ready_path answers 200 (the server has loaded and warmed up)."""
-    port, log = free_port(), tmp / f"{name}.log"
-    with log.open("wb") as out:  # a file, not a pipe: an undrained pipe would stall the server's logging
-        proc = subprocess.Popen([*argv, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, **(env or {})})
+def start(name: str, argv: list[str], ready_path: str, tmp: Path, env: dict[str, str] | None = None,
+          count: int = 1) -> Server:
+    """argv gets --port; wait until GET ready_path answers 200 (the server has loaded and warmed up). ``count``
+    processes share the port (argv has --reuse-port): each one's log must also say it is ready."""
+    port, procs, logs = free_port(), [], [tmp / f"{name}{f'.{i}' if i else ''}.log" for i in range(count)]
+    for log in logs:
+        with log.open("wb") as out:  # a file, not a pipe: an undrained pipe would stall the server's logging
+            procs.append(subprocess.Popen([*argv, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                          cwd=ROOT, env={**os.environ, **(env or {})}))
     try:
-        wait_ready(f"http://127.0.0.1:{port}{ready_path}", proc)
+        for proc, log in zip(procs, logs):
+            wait_ready(f"http://127.0.0.1:{port}{ready_path}", proc)
+            deadline = time.monotonic() + 180
+            while count > 1 and '"event": "ready"' not in log.read_text():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"instance {log.name} did not become ready")
+                time.sleep(0.2)
     except RuntimeError as e:
-        proc.kill()
-        raise RuntimeError(f"{name}: {e}:\n{log.read_text()[-3000:]}") from None
-    return Server(name, proc, port, log)
+        for proc in procs:
+            proc.kill()
+        raise RuntimeError(f"{name}: {e}:\n{logs[0].read_text()[-3000:]}") from None
+    return Server(name, procs[0], port, logs[0], procs[1:])
 
 
 # ------------------------------------------------------------------------------------------- the load generator
@@ -349,6 +399,30 @@ def run_load(coro) -> LoadResult:
         return asyncio.run(coro)
 
 
+def _closed_loop_in_process(port: int, request: bytes, clients: int, warmup_s: float, duration_s: float) -> LoadResult:
+    return run_load(closed_loop(port, request, clients, warmup_s, duration_s))
+
+
+def closed_loop_processes(port: int, request: bytes, clients: int, warmup_s: float, duration_s: float,
+                          generators: int) -> LoadResult:
+    """The closed loop from ``generators`` processes (forked), the clients spread over them, results merged: one
+    asyncio process tops out at a few thousand requests per second, below what a GPU host serves."""
+    if generators <= 1:
+        return _closed_loop_in_process(port, request, clients, warmup_s, duration_s)
+    import multiprocessing
+
+    shares = [clients // generators + (i < clients % generators) for i in range(generators)]
+    with multiprocessing.get_context("fork").Pool(generators) as pool:
+        parts = pool.starmap(_closed_loop_in_process, [(port, request, n, warmup_s, duration_s) for n in shares if n])
+    merged = LoadResult(duration_s, per_second=[sum(bins) for bins in zip(*(r.per_second for r in parts))])
+    for r in parts:
+        merged.latencies_s += r.latencies_s
+        merged.generator_cpu_s += r.generator_cpu_s
+        for status, n in r.errors.items():
+            merged.errors[status] = merged.errors.get(status, 0) + n
+    return merged
+
+
 # ------------------------------------------------------------------------------------- ganet-serve's CPU split
 
 def scrape(port: int) -> dict[str, float]:
@@ -431,8 +505,22 @@ def cpu_split(before: dict, after: dict, pid: int, names: dict[int, str] | None)
 
 
 def snapshot(server: Server, threads: bool) -> dict:
-    return {"metrics": scrape(server.port), "process_cpu_s": server.cpu_s(),
+    processes = process_cpu(server.pids())
+    return {"metrics": scrape(server.port), "process_cpu_s": sum(processes.values()), "processes": processes,
             "threads": thread_cpu(server.proc.pid) if threads else {}}
+
+
+def owner_split(before: dict, after: dict, owner: int) -> dict:
+    """--frontends N: CPU ms per image in the model owner (inference, the batcher, the ring's readers) and in the
+    front ends (HTTP, decoding), and the mean batch, over the measured window."""
+    d = {k: after["metrics"].get(k, 0.0) - before["metrics"].get(k, 0.0) for k in after["metrics"]}
+    images = d.get("ganet_images_total", 0.0)
+    used = {pid: cpu - before["processes"].get(pid, 0.0) for pid, cpu in after["processes"].items()}
+    per_image = lambda s: s / images * 1e3 if images else float("nan")  # noqa: E731
+    return {"images": images, "owner_cpu_ms": per_image(used.get(owner, 0.0)),
+            "frontends_cpu_ms": per_image(sum(v for pid, v in used.items() if pid != owner)),
+            "mean_batch_size": d["ganet_batch_size_sum"] / d["ganet_batch_size_count"] if
+            d.get("ganet_batch_size_count") else float("nan")}
 
 
 # ---------------------------------------------------------------------------------------------------- reporting
@@ -476,13 +564,15 @@ def measure(server: Server, jpeg: bytes, args: argparse.Namespace, clients: int 
     import threading
 
     clients = clients or args.client_levels[0]
-    metrics = server.name == "ours"  # only ganet-serve has /metrics and named threads
+    # ganet-serve has /metrics (one aggregate, except N separate instances); the thread split needs one process
+    metrics = server.name.startswith("ours") and not server.others
+    one_process = metrics and not descendants([server.proc.pid])
     request = http_request(server.port, jpeg, args.body)
     edges: dict[str, dict] = {}
 
     def sample(key: str, delay: float) -> None:
         time.sleep(delay)
-        edges[key] = snapshot(server, threads=True) if metrics else {"process_cpu_s": server.cpu_s()}
+        edges[key] = snapshot(server, threads=one_process) if metrics else {"process_cpu_s": server.cpu_s()}
 
     timer = threading.Thread(target=lambda: (sample("before", args.warmup), sample("after", args.duration)),
                              daemon=True)
@@ -500,8 +590,10 @@ def measure(server: Server, jpeg: bytes, args: argparse.Namespace, clients: int 
         summary["gpu_utilization_pct"] = spread(utilisation) | {"samples": len(utilisation)}
     before, after = edges["before"], edges["after"]
     summary["server_cpu_ms_per_image"] = (after["process_cpu_s"] - before["process_cpu_s"]) / max(load.ok, 1) * 1e3
-    if metrics:  # without py-spy, thread_names is None and the split falls back to /metrics wall times
+    if one_process:  # without py-spy, thread_names is None and the split falls back to /metrics wall times
         summary["cpu_split"] = cpu_split(before, after, server.proc.pid, thread_names(server.proc.pid))
+    elif metrics:
+        summary["owner_split"] = owner_split(before, after, server.proc.pid)
     return summary
 
 
@@ -513,6 +605,30 @@ def combine(rounds: list[dict]) -> dict:
     out["images_per_s"] = out["images_per_s_rounds"]["median"]
     out["rounds"] = rounds
     return out
+
+
+def layout(name: str) -> tuple[list[str], int] | None:
+    """ganet-serve's process layout from a server name: (extra flags, processes sharing the port), or None."""
+    m = re.fullmatch(r"ours(?:_(single)|_fe(\d+)|_reuse(\d+))?", name)
+    if m is None:
+        return None
+    single, frontends, instances = m.groups()
+    if single:
+        return ["--frontends", "0"], 1
+    if frontends:
+        return ["--frontends", frontends], 1
+    if instances:
+        return ["--reuse-port", "--frontends", "0"], int(instances)
+    return [], 1
+
+
+def label(name: str) -> str:
+    fixed = {"ours": "ganet-serve", "ours_single": "ganet-serve, 1 process", "ort": "naive ONNX Runtime",
+             "torch": "naive PyTorch eager", "ort_async": "naive ORT, async", "torch_async": "naive PyTorch, async"}
+    if name in fixed:
+        return fixed[name]
+    flags, count = layout(name)
+    return f"{count} x ganet-serve, reuse" if count > 1 else f"ganet-serve, {flags[1]} FE"
 
 
 def main() -> None:
@@ -529,7 +645,8 @@ def main() -> None:
                    "backend and the naive PyTorch servers only; skips the export's minute of CPU)")
     p.add_argument("--servers", default="ours,ort,torch,ort_async,torch_async",
                    help="comma-separated subset of ours, ort, torch (naive, threadpool endpoint), ort_async, "
-                        "torch_async (naive, async endpoint calling the model inline)")
+                        "torch_async (naive, async endpoint calling the model inline), and ganet-serve's process "
+                        "layouts ours_single, ours_feN, ours_reuseN (see above)")
     p.add_argument("--body", choices=["multipart", "raw"], default="multipart",
                    help="the image as multipart field `file` (default; what browsers and `curl -F` send) or the "
                         "raw image/jpeg body (ganet-serve only: the naive servers read multipart)")
@@ -545,9 +662,14 @@ def main() -> None:
     args = p.parse_args()
     args.client_levels = [int(c) for c in args.clients.split(",")]
     servers = args.servers.split(",")
-    if args.checkpoint_only and set(servers) - {"ours", "torch", "torch_async"}:
+    naive = {n for n in servers if not n.startswith("ours")}
+    if args.checkpoint_only and naive - {"torch", "torch_async"}:
         p.error("--checkpoint-only: the naive ONNX Runtime servers need the export; use --servers ours,torch,...")
-    if args.body == "raw" and set(servers) - {"ours"}:
+    for name in servers:
+        if name not in ("ort", "torch", "ort_async", "torch_async") and layout(name) is None:
+            p.error(f"--servers: unknown server {name!r}; expected ours, ours_single, ours_feN, ours_reuseN, ort, "
+                    "torch, ort_async, torch_async")
+    if args.body == "raw" and naive:
         p.error("--body raw: only ganet-serve reads a raw body; use --servers ours")
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_serve."))
@@ -585,8 +707,9 @@ def main() -> None:
         running: dict[str, Server] = {}
         try:
             for name in servers:  # all up at once (idle servers cost nothing), then interleaved windows
-                argv, ready = commands[name]
-                running[name] = start(name, argv, ready, tmp)
+                flags, count = layout(name) if name.startswith("ours") else ([], 1)
+                argv, ready = commands["ours" if name.startswith("ours") else name]
+                running[name] = start(name, argv + flags, ready, tmp, count=count)
             results["same_answers"] = same_answers(running, jpeg)
             rounds: dict[tuple[str, int], list[dict]] = {(n, c): [] for n in servers for c in args.client_levels}
             for clients in args.client_levels:
@@ -627,19 +750,23 @@ def report(results: dict, args: argparse.Namespace) -> None:
     half = s.get("ours", {}).get("half_peak")
     if half:
         ratios["p99_over_p50_at_half_peak"] = half["latency_ms"]["p99"] / half["latency_ms"]["p50"]
+    layouts = [name for name in s if name.startswith("ours")]
+    reference = "ours_single" if "ours_single" in s else "ours"
+    for name in layouts:  # process layouts against one process (or the default)
+        if name != reference and reference in s:
+            cpu_ratios[f"{name}_over_{reference}"] = s[name]["images_per_s"] / s[reference]["images_per_s"]
     ratios |= cpu_ratios  # (after the targets, as the report prints them)
     results["ratios"] = ratios
     results["host"]["loadavg_after"] = os.getloadavg()
 
-    print(f"\n{args.clients} clients ({args.generator_processes} generator processes), {args.duration:g} s each, {args.body} POST of a {results['config']['jpeg_bytes']}"
-          f"-byte 640x427 JPEG; images/s: over the window, and median [min, max] of its 1-s bins")
+    print(f"\n{args.clients} clients ({args.generator_processes} generator processes), {args.duration:g} s each, "
+          f"{args.body} POST of a {results['config']['jpeg_bytes']}-byte 640x427 JPEG; images/s: over the window, "
+          f"and median [min, max] of its 1-s bins")
     print(f"{'server':<22}{'img/s':>9}{'median':>9}  [ min,   max]{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
           f"{'srv CPU':>10}{'gen CPU':>9}{'ceiling':>9}")
-    labels = {"ours": "ganet-serve", "ort": "naive ONNX Runtime", "torch": "naive PyTorch eager",
-              "ort_async": "naive ORT, async", "torch_async": "naive PyTorch, async"}
     for name, summary in s.items():
         if "images_per_s" in summary:
-            print(row(labels[name], summary))
+            print(row(label(name), summary))
     if half:
         print(row(f"ganet-serve @{half['rate_per_s']:.0f}/s", half) + "  (open loop, Poisson, half the peak)")
     print("(srv CPU: server process CPU ms per image; gen CPU: this load generator's CPU ms per request; ceiling: "
@@ -648,8 +775,9 @@ def report(results: dict, args: argparse.Namespace) -> None:
         print(f"WARNING: the servers did not all give the same top-5: {results.get('same_answers')}")
     for key, value in ratios.items():
         if key not in TARGETS:
-            print(f"{key:<28}{value:6.2f}   (server CPU per image: the most a CPU-bound host lets the "
-                  "throughput ratio be)")
+            why = ("images/s of one process layout over the other" if key.startswith("ours") else
+                   "server CPU per image: the most a CPU-bound host lets the throughput ratio be")
+            print(f"{key:<28}{value:6.2f}   ({why})")
             continue
         target = TARGETS[key]
         ok = value <= target if key.startswith("p99") else value >= target
@@ -676,6 +804,12 @@ def report(results: dict, args: argparse.Namespace) -> None:
             print(f"{part:<12}{cpu[part]:8.2f}{cpu[part] / total:8.0%}{w if w is not None else float('nan'):9.2f}")
         print(f"{'total':<12}{total:8.2f}{'':>8}   (process: {split['process_cpu_ms']:.2f}; queue wall "
               f"{wall['queue']:.2f} ms/image)")
+    splits = {name: v["owner_split"] for name, v in s.items() if v.get("owner_split")}
+    if splits:
+        print(f"\n{'CPU ms per image':<26}{'owner':>8}{'front ends':>12}{'mean batch':>12}")
+        for name, split in splits.items():
+            print(f"{label(name):<26}{split['owner_cpu_ms']:8.2f}{split['frontends_cpu_ms']:12.2f}"
+                  f"{split['mean_batch_size']:12.1f}")
     out = args.output or ROOT / "benchmarks" / "results" / f"serve_{datetime.date.today():%Y%m%d}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     from ganet._io import atomic_write_bytes

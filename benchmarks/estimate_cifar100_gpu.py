@@ -21,6 +21,7 @@ import math
 import statistics
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -64,21 +65,70 @@ def activation_bytes(model: nn.Module, x: torch.Tensor, bytes_per_value: int) ->
     return total * bytes_per_value
 
 
+@dataclass(frozen=True)
+class GpuAssumptions:
+    """What the estimate assumes of the GPU (every field is a flag of this script)."""
+
+    name: str = "H100 SXM"
+    peak_tflops: float = 989.0  # dense bf16 tensor-core peak
+    efficiency: float = 0.15  # fraction of peak small 1x1/depthwise convolutions reach
+    hbm_tbs: float = 3.35  # memory bandwidth, TB/s
+    launch_us: float = 5.0  # eager per-kernel overhead (CPU-bound)
+    graph_launch_us: float = 1.5  # per kernel under CUDA graphs
+
+
+def step_kernels(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor
+                 ) -> tuple[int, list[tuple[str, float]]]:
+    """Kernels one training step would launch on a GPU (leaf ATen ops that do work, from torch.profiler on the
+    CPU), and the share of CPU time of the eight costliest op types."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        training_step(model, opt, x, y)
+    # Leaf operators (no child op) that do work: what would each be a kernel launch on a GPU.
+    events = [e for e in prof.events() if e.name.startswith("aten::") and e.name not in VIEW_OPS
+              and not any(c.name.startswith("aten::") for c in e.cpu_children)]
+    by_op = Counter()
+    for e in events:
+        by_op[e.name] += e.self_cpu_time_total
+    total_us = sum(by_op.values())
+    return len(events), [(name, us / total_us) for name, us in by_op.most_common(8)]
+
+
+def on_paper(train_flops: float, act_bytes: float, kernels: int, steps_total: int, gpu: GpuAssumptions) -> dict:
+    """A step's time on ``gpu``: the largest of compute, memory traffic and kernel launches (module docstring);
+    ``train_flops`` and ``act_bytes`` are per step (the whole batch)."""
+    compute_s = train_flops / (gpu.peak_tflops * 1e12 * gpu.efficiency)
+    memory_s = 3 * 2 * act_bytes / (gpu.hbm_tbs * 1e12)
+    eager_s = max(compute_s, memory_s, kernels * gpu.launch_us * 1e-6)
+    graphs_s = max(compute_s, memory_s, kernels * gpu.graph_launch_us * 1e-6)
+    return {"name": gpu.name, "assumed_peak_tflops": gpu.peak_tflops, "assumed_efficiency": gpu.efficiency,
+            "hbm_tbs": gpu.hbm_tbs, "compute_ms": compute_s * 1e3, "memory_ms": memory_s * 1e3,
+            "launch_ms_eager": kernels * gpu.launch_us * 1e-3,
+            "launch_ms_cuda_graphs": kernels * gpu.graph_launch_us * 1e-3,
+            "step_ms_eager": eager_s * 1e3, "step_ms_compiled": graphs_s * 1e3,
+            "recipe_minutes_eager": steps_total * eager_s / 60,
+            "recipe_minutes_compiled": steps_total * graphs_s / 60}
+
+
 def main() -> None:
+    defaults = GpuAssumptions()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--model", default=PRESETS["cifar100"]["model"])
     parser.add_argument("--steps", type=int, default=10, help="CPU steps timed")
-    parser.add_argument("--gpu-name", default="H100 SXM")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 tensor-core peak")
-    parser.add_argument("--efficiency", type=float, default=0.15,
+    parser.add_argument("--gpu-name", default=defaults.name)
+    parser.add_argument("--peak-tflops", type=float, default=defaults.peak_tflops, help="dense bf16 tensor-core peak")
+    parser.add_argument("--efficiency", type=float, default=defaults.efficiency,
                         help="fraction of peak small 1x1/depthwise convolutions reach (assumption)")
-    parser.add_argument("--hbm-tbs", type=float, default=3.35, help="memory bandwidth, TB/s")
-    parser.add_argument("--launch-us", type=float, default=5.0, help="eager per-kernel overhead (CPU-bound), µs")
-    parser.add_argument("--graph-launch-us", type=float, default=1.5, help="per kernel under CUDA graphs, µs")
+    parser.add_argument("--hbm-tbs", type=float, default=defaults.hbm_tbs, help="memory bandwidth, TB/s")
+    parser.add_argument("--launch-us", type=float, default=defaults.launch_us,
+                        help="eager per-kernel overhead (CPU-bound), µs")
+    parser.add_argument("--graph-launch-us", type=float, default=defaults.graph_launch_us,
+                        help="per kernel under CUDA graphs, µs")
     parser.add_argument("--measure-gpu", action="store_true", help="also time real steps on this machine's GPU")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/cifar100_gpu_estimate.json"))
     args = parser.parse_args()
+    gpu = GpuAssumptions(args.gpu_name, args.peak_tflops, args.efficiency, args.hbm_tbs, args.launch_us,
+                         args.graph_launch_us)
 
     preset = PRESETS["cifar100"]
     batch, size, epochs = preset["batch_size"], preset["input_size"], preset["epochs"]
@@ -98,25 +148,10 @@ def main() -> None:
         times.append(time.perf_counter() - t0)
     cpu_step = statistics.median(times)
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        training_step(model, opt, x, y)
-    # Leaf operators (no child op) that do work: what would each be a kernel launch on a GPU.
-    events = [e for e in prof.events() if e.name.startswith("aten::") and e.name not in VIEW_OPS
-              and not any(c.name.startswith("aten::") for c in e.cpu_children)]
-    kernels = len(events)
-    by_op = Counter()
-    for e in events:
-        by_op[e.name] += e.self_cpu_time_total
-    total_us = sum(by_op.values())
-    top_ops = [(name, us / total_us) for name, us in by_op.most_common(8)]
-
+    kernels, top_ops = step_kernels(model, opt, x, y)
     macs = count_macs(model, (1, 3, size, size)) * batch
     train_flops = 3 * 2 * macs
     act_bytes = activation_bytes(model.eval(), x, 2)  # bf16 activations under autocast
-    compute_s = train_flops / (args.peak_tflops * 1e12 * args.efficiency)
-    memory_s = 3 * 2 * act_bytes / (args.hbm_tbs * 1e12)
-    eager_s = max(compute_s, memory_s, kernels * args.launch_us * 1e-6)
-    graphs_s = max(compute_s, memory_s, kernels * args.graph_launch_us * 1e-6)
 
     result = {
         "model": args.model, "batch": batch, "input_size": size, "epochs": epochs, "steps_total": steps_total,
@@ -124,13 +159,7 @@ def main() -> None:
                 "threads": torch.get_num_threads(), "recipe_hours": steps_total * cpu_step / 3600,
                 "top_ops_share": top_ops},
         "per_step": {"kernels": kernels, "train_gflop": train_flops / 1e9, "activation_mb_bf16": act_bytes / 1e6},
-        "gpu": {"name": args.gpu_name, "assumed_peak_tflops": args.peak_tflops, "assumed_efficiency": args.efficiency,
-                "hbm_tbs": args.hbm_tbs, "compute_ms": compute_s * 1e3, "memory_ms": memory_s * 1e3,
-                "launch_ms_eager": kernels * args.launch_us * 1e-3,
-                "launch_ms_cuda_graphs": kernels * args.graph_launch_us * 1e-3,
-                "step_ms_eager": eager_s * 1e3, "step_ms_compiled": graphs_s * 1e3,
-                "recipe_minutes_eager": steps_total * eager_s / 60,
-                "recipe_minutes_compiled": steps_total * graphs_s / 60},
+        "gpu": on_paper(train_flops, act_bytes, kernels, steps_total, gpu),
     }
     if args.measure_gpu and torch.cuda.is_available():
         result["gpu_measured"] = measure_gpu(args.model, batch, size, steps_total)

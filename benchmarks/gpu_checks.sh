@@ -3,7 +3,7 @@
 # serving tests (CUDA graphs vs eager, fp16/bf16 vs fp32, nvJPEG vs Pillow, TensorRT where installed), model-only
 # throughput, GPU decoding throughput, and end-to-end HTTP throughput with --decode cpu and --decode gpu. Each step
 # has its own time limit (interrupted with SIGINT, so benchmarks stop their servers), and a failing step does not
-# stop the others. Results go to $OUT (default ./gpu_results), six files:
+# stop the others. Results go to $OUT (default ./gpu_results), seven files:
 #   log.txt                 every step's output, with its exit status and seconds (pytest prints the figures)
 #   summary.json            each target against its measured value (also the last lines of log.txt), and the
 #                           parity/agreement figures the tests recorded
@@ -12,6 +12,8 @@
 #   serve_decode_cpu.json   bench_serve.py: torch backend, fp16, CUDA graphs, --decode cpu, 64/128/256 clients,
 #   serve_decode_gpu.json   ... and --decode gpu: images/s, p50/p99, server CPU ms per image, GPU utilisation (NVML),
 #                           generator cores, open loop at half the peak
+#   frontends.json          bench_serve.py: the process layouts (one process, --frontends 4, 2 x --reuse-port) at
+#                           128 clients, which decides the GPU default (docs/serving.md, "Process layouts")
 #
 #     bash benchmarks/gpu_wheels.sh                 # here, once: the wheels the GPU host lacks -> .whl/
 #     bash benchmarks/gpu_checks.sh                 # on the GPU host, from the repository root, with .whl/ beside it
@@ -67,11 +69,15 @@ if [ "$DRY" = 1 ]; then
     DECODE=(--device cpu --batches 4 --rounds 1 --seconds 0.2)
     SERVE=(--clients 2,4 --generator-processes 2 --duration 1 --warmup 1 --rounds 1 --serve-arg=--device=cpu
            --serve-arg=--max-batch=8 --serve-arg=--precision=bf16)
+    LAYOUTS=(--clients 4 --generator-processes 2 --duration 1 --warmup 1 --rounds 1 --no-open-loop
+             --serve-arg=--device=cpu --serve-arg=--max-batch=8)
 else
     MODEL=()
     DECODE=()
     SERVE=(--clients 64,128,256 --generator-processes 4 --duration 3 --warmup 1.5 --rounds 2
            --serve-arg=--device=cuda --serve-arg=--max-batch=256 --serve-arg=--precision=fp16)
+    LAYOUTS=(--clients 128 --generator-processes 4 --duration 3 --warmup 1.5 --rounds 1 --no-open-loop
+             --serve-arg=--device=cuda --serve-arg=--max-batch=256 --serve-arg=--precision=fp16)
 fi
 cd benchmarks
 step model 100 python3 bench_gpu_model.py "${MODEL[@]}" --output "$OUT/model.json"
@@ -80,6 +86,11 @@ for decode in cpu gpu; do
     step "serve_decode_$decode" 75 python3 bench_serve.py --servers ours --checkpoint-only "${SERVE[@]}" \
         --serve-arg=--backend=torch --serve-arg=--decode=$decode --output "$OUT/serve_decode_$decode.json"
 done
+# Which process layout serves the GPU best (docs/serving.md, "Process layouts"): ganet-serve with the torch backend
+# on CUDA as one process, as --frontends 4 (HTTP processes feeding one model owner through shared memory) and as 2
+# independent instances sharing the port (--reuse-port), 128 clients from 4 generator processes.
+step frontends 60 python3 bench_serve.py --servers ours_single,ours_fe4,ours_reuse2 --checkpoint-only \
+    "${LAYOUTS[@]}" --serve-arg=--backend=torch --output "$OUT/frontends.json"
 if [ "${GPU_CHECKS_TRAIN:-0}" = 1 ]; then  # the training side, as this script ran it before serving grew
     step pytest_train_gpu 420 python3 -m pytest -m gpu -q -rs -s -p no:cacheprovider ../tests/test_train_recipes.py
     step train_gpu 120 python3 bench_train_throughput.py --device cuda --steps 40 --rounds 3 --output "$OUT/train.json"

@@ -17,9 +17,9 @@ from ganet.preprocess import Preprocessing, image_to_uint8, normalize_uint8
 __all__ = ["ParityInputs", "ParityResult", "ParityError", "TOLERANCES", "tolerances", "photo_arrays", "photographs",
            "digits_images", "failure_message", "torch_reference", "compare", "run_parity", "ort_session", "ort_runner"]
 
-# What "parity" means per artifact kind (the numbers).
+# What "parity" means per artifact kind (docs/export.md#parity gives the reasons).
 TOLERANCES = {"onnx": {"max_abs": 1e-4, "top1_agreement": 1.0},
-              # model.fused.onnx (ours, not the issue's): the kernel sums in its own order, so it sits as far from
+              # model.fused.onnx: the kernel sums in its own order, so it sits as far from
               # the exact (float64) function as ORT's standard graph does (4.6e-5 vs 4.2e-5 on the test export) but
               # not at the same point: against PyTorch's fp32 answer -- itself ~1e-4 from the exact one there --
               # two such implementations can be twice 1e-4 apart.

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="ganet-demo", allow_abbrev=False,
         description="The main job end to end on the embedded default: train on the bundled digits, export to ONNX "
                     "with proven parity, serve over HTTP on 127.0.0.1, classify a real photograph and held-out "
-                    "digits. About 3.5 minutes on 2 CPU cores, 3 of them training.",
+                    "digits. About 2 minutes on 2 CPU cores, most of it training.",
     )
     parser.add_argument("--model", default=TrainConfig.model, help="registered model name (default: %(default)s)")
     parser.add_argument("--output", type=Path, default=Path("runs/demo"),

@@ -1,1 +1,1 @@
-"""ganet.serve: the FastAPI classification service (issue 5 builds it)."""
+"""ganet.serve: the FastAPI classification service."""

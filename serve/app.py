@@ -6,6 +6,7 @@ import dataclasses
 import hmac
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -234,33 +235,43 @@ def make_gpu_decoder(s: ServeSettings, spec: ModelSpec):
 
 
 def _start(state: ServeState, backends: list[Backend] | None, spec: ModelSpec | None) -> None:
-    """Prepare (unless given) the backend instances, warm them up (unless done), start the batcher and decoder."""
+    """Prepare (unless given) the backend instances, warm them up (unless done), start the batcher (in one process,
+    or in the model owner of --frontends)."""
     s = state.settings
     if backends is None:
         backends, spec = prepare(s)
     state.backends, state.spec = backends, spec
-    log.info("decoder", extra={"event": "decoder", "resize": resizer()[1],
-                               "max_decode_bytes": s.max_decode_bytes})  # builds the kernel library if needed
     if s.warmup and not state.warmed:
         warm_up(backends, spec)
-    if s.decode == "gpu" and state.gpu_decoder is None:
-        state.gpu_decoder = make_gpu_decoder(s, spec)
     for backend in backends:
         if hasattr(backend, "gpu_memory_bytes"):
             state.metrics.track_gpu(backend.gpu_memory_bytes)
             break
     state.batcher = DynamicBatcher(backends, spec.max_batch, s.max_delay_us, s.queue_size, state.metrics.on_batch)
     state.metrics.track_queue(lambda: state.batcher.depth)
+
+
+def _start_decoder(state: ServeState) -> None:
+    """The decoder of this process (in every front end of --frontends too): the native resize, the decode budget,
+    and with --decode gpu the GPU decoder."""
+    s, spec = state.settings, state.spec
+    log.info("decoder", extra={"event": "decoder", "resize": resizer()[1],
+                               "max_decode_bytes": s.max_decode_bytes})  # builds the kernel library if needed
+    if s.decode == "gpu" and state.gpu_decoder is None:
+        state.gpu_decoder = make_gpu_decoder(s, spec)
     state.decoder = Decoder(state.decode_pool, s.workers_decode, state.budget, spec.preprocessing, s.max_pixels,
                             s.timeout_ms, gpu=state.gpu_decoder,
                             on_path=lambda path, reason: state.metrics.decode_images.labels(path, reason).inc())
 
 
 def create_app(settings: ServeSettings, *, backends: list[Backend] | None = None,
-               spec: ModelSpec | None = None, warmed: bool = False, gpu_decoder: Any = None) -> FastAPI:
+               spec: ModelSpec | None = None, warmed: bool = False, gpu_decoder: Any = None,
+               attach: Callable[[ServeState], Awaitable[None]] | None = None) -> FastAPI:
     """The service. ``backends`` + ``spec`` inject already-prepared backends (``prepare``; ``warmed``: and warmed
     up, as ganet-serve does before it binds); otherwise the lifespan prepares settings.model. ``gpu_decoder``: a
-    ``GpuDecoder`` (--decode gpu; made by ``make_gpu_decoder`` when not given)."""
+    ``GpuDecoder`` (--decode gpu; made by ``make_gpu_decoder`` when not given). ``attach``: another process owns the
+    model (``ganet-serve --frontends``); it sets the state's spec, backends and batcher, and turns ``ready`` on
+    when the owner says every process is warm."""
     from ganet.serve.routes_classify import router as classify_router
     from ganet.serve.routes_ops import router as ops_router
     from ganet.serve.routes_v2 import router as v2_router
@@ -271,10 +282,16 @@ def create_app(settings: ServeSettings, *, backends: list[Backend] | None = None
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state.decode_pool = ThreadPoolExecutor(settings.workers_decode, thread_name_prefix="ganet-decode")
-        await asyncio.get_running_loop().run_in_executor(None, _start, state, backends, spec)
-        state.ready = True
-        log.info("ready", extra={"event": "ready", "model": state.spec.name, "backend": state.backends[0].name,
-                                 "device": state.backends[0].device, "max_batch": state.spec.max_batch})
+        loop = asyncio.get_running_loop()
+        if attach is not None:
+            await attach(state)
+            await loop.run_in_executor(None, _start_decoder, state)
+        else:
+            await loop.run_in_executor(None, _start, state, backends, spec)
+            await loop.run_in_executor(None, _start_decoder, state)
+            state.ready = True
+            log.info("ready", extra={"event": "ready", "model": state.spec.name, "backend": state.backends[0].name,
+                                     "device": state.backends[0].device, "max_batch": state.spec.max_batch})
         try:
             yield
         finally:

@@ -63,7 +63,23 @@ def _threads(n: int) -> int:
     return n if n > 0 else max(1, usable_cpus() // 2)
 
 
-class OnnxRuntimeBackend:
+class _Bucketed:
+    """``runner``: a ``ganet.buckets.BucketedRunner`` of CUDA graphs, or None (no graphs)."""
+
+    runner = None
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """The batch sizes recorded as CUDA graphs (empty without graphs)."""
+        return self.runner.sizes if self.runner is not None else ()
+
+    def prepare(self) -> None:
+        """Record every batch size's CUDA graph now (largest first), not on the first request of that size."""
+        if self.runner is not None:
+            self.runner.capture_all()
+
+
+class OnnxRuntimeBackend(_Bucketed):
     """An ONNX Runtime session on the CUDA execution provider when onnxruntime-gpu offers it, else the CPU."""
 
     name = "onnxruntime"
@@ -125,14 +141,6 @@ class OnnxRuntimeBackend:
             capture = IOBindingCapture(self.session, "cuda", cuda_graph=True)
             self.runner = BucketedRunner(capture, bucket_sizes(max_batch), capture.sample_shape)
 
-    @property
-    def batch_sizes(self) -> tuple[int, ...]:
-        return self.runner.sizes if self.runner is not None else ()
-
-    def prepare(self) -> None:
-        if self.runner is not None:
-            self.runner.capture_all()
-
     def __call__(self, images: np.ndarray) -> np.ndarray:
         if self.runner is not None:
             return self.runner(images)
@@ -143,7 +151,7 @@ class OnnxRuntimeBackend:
         self.session = self.runner = None
 
 
-class TorchBackend:
+class TorchBackend(_Bucketed):
     """The PyTorch model from a checkpoint, normalising inside exactly as the exported graph does.
 
     On CUDA: channels_last, ``precision`` fp32 (TF32 off), fp16 or bf16 (a converted copy, see
@@ -181,16 +189,6 @@ class TorchBackend:
             capture = CudaGraphCapture(self.forward, max_batch, shape, self.device)
             self.runner = BucketedRunner(capture, bucket_sizes(max_batch), shape, host_buffer=capture.host_buffer)
         self._torch = torch
-
-    @property
-    def batch_sizes(self) -> tuple[int, ...]:
-        """The batch sizes recorded as CUDA graphs (empty when eager)."""
-        return self.runner.sizes if self.runner is not None else ()
-
-    def prepare(self) -> None:
-        """Record every batch size's CUDA graph now (largest first), not on the first request of that size."""
-        if self.runner is not None:
-            self.runner.capture_all()
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         if self.runner is not None:

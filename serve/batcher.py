@@ -12,14 +12,16 @@ import logging
 import queue
 import threading
 import time
+from typing import TypeVar
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["QueueFullError", "DeadlineExceededError", "BatchResult", "DynamicBatcher"]
+__all__ = ["QueueFullError", "DeadlineExceededError", "BatchResult", "DynamicBatcher", "gather"]
 
 log = logging.getLogger("ganet.serve")
+T = TypeVar("T")
 
 
 class QueueFullError(RuntimeError):
@@ -41,13 +43,18 @@ class BatchResult:
 @dataclass
 class _Item:
     image: np.ndarray  # (3, S, S) uint8
-    future: asyncio.Future
-    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future | None  # None for put(): on_done answers instead
+    loop: asyncio.AbstractEventLoop | None
     enqueued: float = field(default_factory=time.perf_counter)
     deadline: float = float("inf")  # perf_counter time
+    on_done: Callable[[BatchResult | None, BaseException | None], None] | None = None
 
 
 def _resolve(item: _Item, result: BatchResult | None, error: BaseException | None) -> None:
+    if item.on_done is not None:
+        item.on_done(result, error)
+        return
+
     def settle() -> None:
         if item.future.done():  # the awaiting request gave up (timeout, disconnect)
             return
@@ -80,36 +87,33 @@ class DynamicBatcher:
         loop = asyncio.get_running_loop()
         item = _Item(image, loop.create_future(), loop)
         item.deadline = item.enqueued + timeout_s
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            raise QueueFullError(f"{self._queue.maxsize} images already wait for inference") from None
+        self._enqueue(item)
         try:
             return await asyncio.wait_for(item.future, timeout_s)
         except TimeoutError:
             raise DeadlineExceededError(f"no result within {timeout_s * 1e3:.0f} ms") from None
 
-    def _gather(self, first: _Item) -> list[_Item]:
-        batch, until = [first], time.perf_counter() + self.max_delay_s
-        while len(batch) < self.max_batch:
-            try:
-                left = until - time.perf_counter()
-                item = self._queue.get_nowait() if left <= 0 else self._queue.get(timeout=left)
-            except queue.Empty:
-                break
-            if item is None:  # stop signal: put it back for the other workers, run what we have
-                self._queue.put(None)
-                break
-            batch.append(item)
-        return batch
+    def put(self, image: np.ndarray, timeout_s: float,
+            on_done: Callable[[BatchResult | None, BaseException | None], None]) -> None:
+        """``submit`` without an event loop (the model owner of ``ganet-serve --frontends``): QueueFullError here,
+        else ``on_done(result, error)`` once, in an inference thread (it must not block or raise)."""
+        item = _Item(image, None, None, on_done=on_done)
+        item.deadline = item.enqueued + timeout_s
+        self._enqueue(item)
+
+    def _enqueue(self, item: _Item) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            raise QueueFullError(f"{self._queue.maxsize} images already wait for inference") from None
 
     def _work(self, backend: Callable[[np.ndarray], np.ndarray]) -> None:
         while (first := self._queue.get()) is not None:
-            batch = self._gather(first)
+            batch = gather(self._queue, first, self.max_batch, self.max_delay_s)
             start = time.perf_counter()
             live = []
             for it in batch:
-                if it.deadline > start and not it.future.done():
+                if it.deadline > start and not (it.future is not None and it.future.done()):
                     live.append(it)
                 else:
                     _resolve(it, None, DeadlineExceededError("deadline passed while queued"))
@@ -136,3 +140,20 @@ class DynamicBatcher:
         self._queue.put(None)
         for t in self._threads:
             t.join(timeout_s)
+
+
+def gather(q: queue.Queue, first: T, max_batch: int, max_delay_s: float) -> list[T]:
+    """``first`` and whatever else ``q`` yields within ``max_delay_s`` of now, up to ``max_batch`` items. A None in
+    the queue is the stop signal: it goes back for the other workers, and the batch so far is returned."""
+    batch, until = [first], time.perf_counter() + max_delay_s
+    while len(batch) < max_batch:
+        try:
+            left = until - time.perf_counter()
+            item = q.get_nowait() if left <= 0 else q.get(timeout=left)
+        except queue.Empty:
+            break
+        if item is None:
+            q.put(None)
+            break
+        batch.append(item)
+    return batch

@@ -12,9 +12,11 @@ in the kernel's backlog. :func:`guarded_protocol` wraps uvicorn's httptools prot
   ``LINGER_S``, then closed (nginx's lingering close: closing at once would reset the connection and could destroy
   the answer before the client reads it);
 * at most ``max_connections`` are open. A new connection past the cap closes the connection that has been idle
-  longest (no request in progress: waiting for headers or kept alive), as nginx reuses idle keep-alive
-  connections; if every connection is busy with a request, the new one is answered ``503`` with ``Retry-After``
-  and closed. uvicorn's ``limit_concurrency`` is not used: it answers plain text and counts idle sockets as load.
+  longest (no request in progress: waiting for its first headers, or kept alive for ``EVICT_GRACE_S`` at least),
+  as nginx reuses idle keep-alive connections; if none qualifies, the new one is answered ``503`` with
+  ``Retry-After`` and closed. A connection that answered a moment ago is spared: its client is likely sending the
+  next request on it right now, and a POST lost that way reaches the client as a reset, not an answer.
+  uvicorn's ``limit_concurrency`` is not used: it answers plain text and counts idle sockets as load.
 
 The body itself is bounded by the request's deadline in ``ganet.serve.middleware`` (408).
 """
@@ -33,6 +35,7 @@ __all__ = ["ConnectionLimits", "guarded_protocol"]
 log = logging.getLogger("ganet.serve")
 
 LINGER_S = 2.0  # after an early answer, how long the unread rest of a request body is drained before closing
+EVICT_GRACE_S = 1.0  # a kept-alive connection is evicted for a new one only after this long without a request
 
 
 @dataclass
@@ -96,12 +99,13 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
 
         def connection_made(self, transport) -> None:  # noqa: ANN001
             super().connection_made(transport)
-            self._began = self._lingering = False
+            self._began = self._lingering = self._answered = False
             if len(limits.open) >= limits.max_connections and not self._evict_idle():
                 limits.on_refused("connection_cap")
                 transport.write(_raw_response(503, "Service Unavailable", "too_many_connections",
-                                              f"{len(limits.open)} connections are open and busy, the limit "
-                                              f"(--max-connections {limits.max_connections}); retry later",
+                                              f"all {len(limits.open)} connections allowed (--max-connections "
+                                              f"{limits.max_connections}) are busy or answered under "
+                                              f"{EVICT_GRACE_S:g} s ago; retry later",
                                               "retry-after: 1\r\n"))
                 transport.close()
                 return
@@ -110,7 +114,10 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
             self._arm_header_timer()  # from accept: an idle socket is closed as a slow one is
 
         def _evict_idle(self) -> bool:
-            for other in limits.open:  # oldest first: dicts keep insertion order, refreshed when idle again
+            spare_after = time.monotonic() - EVICT_GRACE_S
+            for other, idle_since in limits.open.items():  # idlest first: insertion order, refreshed when idle again
+                if other._answered and idle_since > spare_after:
+                    continue  # answered a moment ago: its next request may be on its way
                 if not other._busy() and not other.transport.is_closing():
                     limits.on_refused("evicted_idle")
                     other.transport.close()
@@ -170,6 +177,7 @@ def guarded_protocol(limits: ConnectionLimits) -> type[HttpToolsProtocol]:
             if unread and not self.transport.is_closing():  # the rest of the body would only trickle in
                 self._linger()
                 return
+            self._answered = True
             if self in limits.open:  # idle again: move to the end of the eviction order
                 limits.open.pop(self)
                 limits.open[self] = time.monotonic()

@@ -26,7 +26,6 @@ import asyncio
 import logging
 import queue
 import threading
-import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from ganet.preprocess import Preprocessing
+from ganet.serve.batcher import gather
 from ganet.serve.gpu_resize import TensorResize, exif_transpose
 from ganet.serve.images import probe_image
 
@@ -106,17 +106,7 @@ class GpuDecoder:
 
     def _work(self) -> None:
         while (first := self._queue.get()) is not None:
-            batch, until = [first], time.perf_counter() + self.max_delay_s
-            while len(batch) < self.max_batch:
-                try:
-                    left = until - time.perf_counter()
-                    item = self._queue.get_nowait() if left <= 0 else self._queue.get(timeout=left)
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._queue.put(None)
-                    break
-                batch.append(item)
+            batch = gather(self._queue, first, self.max_batch, self.max_delay_s)
             try:
                 results = self.decode_batch([it.data for it in batch], [it.route for it in batch])
             except Exception as e:  # a bug here must not hang the requests: each fails on its own future

@@ -81,6 +81,12 @@ class ServeSettings(BaseSettings):
                                         "(default: 1024, lowered to fit RLIMIT_NOFILE)")
     skip_verify: bool = Field(False, description="do not check the SHA-256 of the model files against the "
                               "manifest before serving (they are checked by default; a mismatch stops the start)")
+    frontends: int | None = Field(None, ge=0, description="HTTP front-end processes that parse and decode requests "
+                                  "and hand the images through shared memory to this process, which owns the model "
+                                  "and its batcher (0: one process does everything; default: 0 on the CPU, on a GPU "
+                                  "one per two usable CPUs, 2 to 8)")
+    reuse_port: bool = Field(False, description="bind the port with SO_REUSEPORT, so that several independent "
+                             "ganet-serve processes can share it (the kernel spreads connections over them)")
 
     @property
     def cors_origin_list(self) -> list[str]:

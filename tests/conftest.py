@@ -1,3 +1,4 @@
+import logging
 import sys
 
 import pytest
@@ -20,6 +21,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _service_loggers_restored():
+    """A test that starts the service in-process gets its JSON logging (handlers replaced, propagation off); put the
+    loggers back afterwards so that later tests' ``caplog`` sees their records."""
+    loggers = [logging.getLogger(n) for n in ("ganet.serve", "uvicorn", "uvicorn.error", "uvicorn.access")]
+    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    yield
+    for lg, (handlers, level, propagate) in zip(loggers, saved):
+        lg.handlers[:], lg.level, lg.propagate = handlers, level, propagate
+
+
 @pytest.fixture
 def stand_in(monkeypatch):
     """Install the stand-ins as `tensorrt` and `cuda.bindings.runtime`; returns a function choosing the version."""
@@ -37,6 +49,22 @@ def stand_in(monkeypatch):
         monkeypatch.setitem(sys.modules, "tensorrt", trt)
         return trt, cudart
     return install
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`ganet-demo` run once per session (the README's first command): the embedded default trained, exported,
+    served. ``.output`` holds ``best.safetensors`` (the default checkpoint) and ``export/``; ``.result`` is the
+    finished process, ``.elapsed_s`` its wall time. tests/test_preprocess_and_cli.py checks the run; other tests
+    reuse its checkpoint instead of training another."""
+    import subprocess
+    import time
+    from types import SimpleNamespace
+
+    output = tmp_path_factory.mktemp("demo")
+    t0 = time.monotonic()
+    result = subprocess.run(["ganet-demo", "--output", str(output)], capture_output=True, text=True, timeout=900)
+    return SimpleNamespace(output=output, result=result, elapsed_s=time.monotonic() - t0)
 
 
 @pytest.fixture

@@ -313,13 +313,19 @@ async def closed_loop(url: str, requests: Callable[[int], tuple[str, bytes, dict
 
 
 async def open_loop(url: str, requests: Callable[[int], tuple[str, bytes, dict]], rate: float, seconds: float,
-                    timeout_s: float, connections: int = 256, seed: int = 0) -> Outcome:
-    """Poisson arrivals at ``rate`` a second for ``seconds``, whatever the server's speed (a flood)."""
+                    timeout_s: float, connections: int = 256, seed: int = 0,
+                    keepalive_expiry_s: float = 1.0) -> Outcome:
+    """Poisson arrivals at ``rate`` a second for ``seconds``, whatever the server's speed (a flood).
+
+    The client drops a kept-alive connection after ``keepalive_expiry_s``, under the server's ``--keep-alive-s``, as
+    any client or proxy in front of a keep-alive server must: reusing a connection the server is closing at that
+    moment loses the request to a reset, whoever the server is."""
     import httpx
 
     out = Outcome()
     rng = random.Random(seed)
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections,
+                          keepalive_expiry=keepalive_expiry_s)
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s + 5, limits=limits) as client:
         tasks, i, start = [], 0, time.monotonic()
         next_at = start

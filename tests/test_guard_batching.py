@@ -8,6 +8,8 @@ sizes it is called with; its answers are its input pixels, so every image's answ
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import threading
 import time
 
@@ -133,6 +135,8 @@ def test_results_carry_their_batch_and_metrics_hear_of_each_batch(probe_dir):
     assert all(s > 0 for _, s, _ in seen) and all(0 <= q < 5 for _, _, qs in seen for q in qs)
     assert all(r.inference_s > 0 and r.queue_s >= 0 for r in results)
     assert not any(t.is_alive() for t in batcher._threads)  # close() stopped the worker
+    with pytest.raises(dataclasses.FrozenInstanceError):  # one result object per image, never edited in place
+        results[0].batch_size = 1
 
 
 def test_a_full_queue_refuses_at_once(probe_dir):
@@ -162,15 +166,99 @@ def test_a_passed_deadline_is_an_error_and_its_image_never_runs(probe_dir):
     assert recording.calls in ([1], []), recording.calls
 
 
-def test_a_failing_backend_fails_every_image_of_its_batch(probe_dir):
+def test_a_failing_backend_fails_every_image_of_its_batch(probe_dir, caplog):
     boom = RuntimeError("engine exploded")
     recording = Recording(load_backend(probe_dir, "onnxruntime", intra_op_threads=1)[0], error=boom)
     batcher = DynamicBatcher([recording], max_batch=4, max_delay_us=300_000, queue_size=8)
     try:
-        results = asyncio.run(submit_all(batcher, images(3)))
+        with caplog.at_level(logging.ERROR, logger="ganet.serve"):
+            results = asyncio.run(submit_all(batcher, images(3)))
         assert results == [boom] * 3 and recording.calls == [3]
+        logged = [r for r in caplog.records if getattr(r, "event", None) == "inference_error"]
+        assert len(logged) == 1 and logged[0].name == "ganet.serve" and logged[0].exc_info[1] is boom
         recording.error = None
         (after,) = asyncio.run(submit_all(batcher, images(1)))  # the worker survived the failure
         assert isinstance(after, BatchResult) and after.batch_size == 1
     finally:
+        batcher.close()
+
+
+def test_put_answers_through_on_done_and_refuses_like_submit(probe_dir):
+    """``put`` (the model owner's path under --frontends): each image's answer or error reaches its ``on_done`` once,
+    a passed deadline is an error there, and a full queue raises at once with the queue's size in the message."""
+    recording = Recording(load_backend(probe_dir, "onnxruntime", intra_op_threads=1)[0], seconds=0.2)
+    batcher = DynamicBatcher([recording], max_batch=2, max_delay_us=0, queue_size=2)
+    answers: dict[int, list] = {i: [] for i in range(5)}
+    done = threading.Event()
+
+    def on_done_of(i: int):
+        def on_done(result, error) -> None:
+            answers[i].append((result, error))
+            if sum(map(len, answers.values())) == 4:
+                done.set()
+        return on_done
+
+    sent = images(5)
+    try:
+        batcher.put(sent[0], 5.0, on_done_of(0))  # taken by the worker at once (0.2 s of inference)
+        time.sleep(0.05)
+        batcher.put(sent[1], 5.0, on_done_of(1))
+        batcher.put(sent[2], 0.01, on_done_of(2))  # its deadline passes while the first runs
+        with pytest.raises(QueueFullError) as full:
+            batcher.put(sent[3], 5.0, on_done_of(3))
+        assert str(full.value) == "2 images already wait for inference" and batcher.depth == 2
+        assert done.wait(0.0) is False
+        time.sleep(0.5)
+        batcher.put(sent[4], 5.0, on_done_of(4))
+        assert done.wait(5.0) and batcher.depth == 0
+    finally:
+        batcher.close()
+    assert answers[3] == []
+    for i in (0, 1, 4):
+        ((result, error),) = answers[i]
+        assert error is None and isinstance(result, BatchResult)
+        np.testing.assert_array_equal(pixels_of(result.logits[None]), sent[i:i + 1])
+    ((result, error),) = answers[2]
+    assert result is None and isinstance(error, DeadlineExceededError)
+    assert recording.calls == [1, 1, 1]  # the expired image never ran
+
+
+def test_the_first_image_waits_up_to_max_delay_for_company(probe_dir):
+    """With max_delay 400 ms, an image arriving 200 ms after the first joins its batch; with 0, it does not."""
+    for delay_us, expected in ((400_000, [2]), (0, [1, 1])):
+        recording = Recording(load_backend(probe_dir, "onnxruntime", intra_op_threads=1)[0])
+        batcher = DynamicBatcher([recording], max_batch=4, max_delay_us=delay_us, queue_size=8)
+        assert batcher.max_delay_s == delay_us / 1e6
+
+        async def staggered():
+            first = asyncio.ensure_future(batcher.submit(images(1)[0], 5.0))
+            await asyncio.sleep(0.2)
+            return await asyncio.gather(first, batcher.submit(images(2)[1], 5.0))
+
+        try:
+            results = asyncio.run(staggered())
+        finally:
+            batcher.close()
+        assert recording.calls == expected, (delay_us, recording.calls)
+        assert [r.batch_size for r in results] == ([2, 2] if expected == [2] else [1, 1])
+
+
+def test_deadline_message_and_worker_threads():
+    """The 504's message gives the deadline in milliseconds; the workers are daemon threads named for py-spy's
+    per-thread CPU split (benchmarks/bench_serve.py)."""
+    gate = threading.Event()
+
+    def stalled(batch: np.ndarray) -> np.ndarray:
+        gate.wait(5)
+        return np.zeros((len(batch), 4), np.float32)
+
+    batcher = DynamicBatcher([stalled, stalled], max_batch=1, max_delay_us=0, queue_size=4)
+    try:
+        assert [t.name for t in batcher._threads] == ["ganet-infer-0", "ganet-infer-1"]
+        assert all(t.daemon for t in batcher._threads)
+        with pytest.raises(DeadlineExceededError) as late:
+            asyncio.run(batcher.submit(images(1)[0], 0.25))
+        assert str(late.value) == "no result within 250 ms"
+    finally:
+        gate.set()
         batcher.close()

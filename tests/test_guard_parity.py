@@ -151,6 +151,7 @@ def test_ort_runner_runs_a_real_model(tmp_path):
 
 
 def test_parity_inputs_are_the_photographs_and_the_held_out_digits():
+    from ganet.export.data import recorded_dataset, resolve_export_data
     from ganet.train.data import DIGITS_HOLDOUT, DIGITS_MEAN, DIGITS_STD
 
     names = list(P.photo_arrays())
@@ -160,12 +161,14 @@ def test_parity_inputs_are_the_photographs_and_the_held_out_digits():
     assert photos.images.shape == (len(names), 3, SIZE, SIZE) and photos.images.dtype == np.uint8
     assert photos.names == names and len(photos) == len(names) and photos.targets is None
     digits_prep = Preprocessing(8, 8, DIGITS_MEAN, DIGITS_STD)
-    assert P.dataset_of({}, digits_prep) == "digits" and P.dataset_of({}, PREPROCESSING) is None
-    assert P.dataset_of({"data": "digits"}, PREPROCESSING) == "digits"
-    assert P.dataset_of({"dataset": "cifar10"}, digits_prep) is None  # ganet cannot load it here
+    assert recorded_dataset({}, digits_prep) == "digits" and recorded_dataset({}, PREPROCESSING) is None
+    assert recorded_dataset({"data": "digits"}, PREPROCESSING) == "digits"
+    assert recorded_dataset({"dataset": "cifar10"}, digits_prep) == "cifar10"  # the record wins over statistics
     held = P.digits_images(digits_prep, "val", limit=5)
     assert held.images.shape == (5, 3, 8, 8) and held.names[0] == "digits-val:0" and held.targets.shape == (5,)
     assert len(P.digits_images(digits_prep, "train", limit=3)) == 3
-    both = P.parity_inputs(digits_prep, "digits")
+    both = resolve_export_data({}, digits_prep, ()).parity_inputs()
     assert len(both) == len(names) + DIGITS_HOLDOUT and both.names[len(names)] == "digits-val:0"
-    assert len(P.parity_inputs(digits_prep, None)) == len(names)
+    photos_only = resolve_export_data({"data": "cifar10"}, digits_prep, ())  # no folder recorded: photographs only
+    assert not photos_only.reachable and len(photos_only.parity_inputs()) == len(names)
+    assert "--data-dir" in photos_only.note

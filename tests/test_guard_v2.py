@@ -65,16 +65,44 @@ def assert_400(r, code: str, *words: str) -> None:
         assert w in body["error"], (w, body)
 
 
+def refused(call, *args, **kwargs) -> tuple[int, str, str]:
+    """(status, code, message) of the ServeError ``call`` raises."""
+    with pytest.raises(ServeError) as e:
+        call(*args, **kwargs)
+    return e.value.status, e.value.code, e.value.message
+
+
 def test_unpack_bytes():
     assert unpack_bytes(b"") == []
     assert unpack_bytes(packed(b"ab", b"", b"xyz")) == [b"ab", b"", b"xyz"]
-    with pytest.raises(ServeError, match="truncated element length"):
-        unpack_bytes(packed(b"ab") + b"\x01\x00")
-    with pytest.raises(ServeError, match="element of 5 bytes runs past the data"):
-        unpack_bytes(struct.pack("<I", 5) + b"abcd")
-    with pytest.raises(ServeError, match="element of 4 bytes"):
-        unpack_bytes(struct.pack("<I", 4) + b"abc")
+    assert unpack_bytes(packed(b"ab", b"")) == [b"ab", b""]  # a trailing empty element: exactly 4 bytes left
     assert unpack_bytes(struct.pack("<I", 4) + b"abcd") == [b"abcd"]
+    assert refused(unpack_bytes, packed(b"ab") + b"\x01\x00") == (
+        400, "invalid_tensor", "BYTES tensor: truncated element length")
+    assert refused(unpack_bytes, packed(b"ab") + b"\x00\x00\x00") == (
+        400, "invalid_tensor", "BYTES tensor: truncated element length")
+    assert refused(unpack_bytes, struct.pack("<I", 5) + b"abcd") == (
+        400, "invalid_tensor", "BYTES tensor: element of 5 bytes runs past the data")
+    message = refused(unpack_bytes, struct.pack("<I", 4) + b"abc")[2]
+    assert message == "BYTES tensor: element of 4 bytes runs past the data"
+
+
+def test_unpack_bytes_stops_at_the_declared_count():
+    assert unpack_bytes(packed(b"a", b"b"), limit=2) == [b"a", b"b"]  # exactly the limit is fine
+    assert unpack_bytes(packed(b"a"), limit=None) == [b"a"]
+    assert refused(unpack_bytes, packed(b"a", b"b", b""), limit=2) == (
+        400, "invalid_tensor", "BYTES tensor: more than the 2 elements its shape declares")
+    # refused before the next element is read: a huge count of empty elements costs one length at most
+    assert refused(unpack_bytes, packed(b"") * 3 + b"\xff", limit=3)[2].startswith("BYTES tensor: more than the 3")
+
+
+def test_invalid_requests_name_each_problem_by_its_path():
+    from ganet.serve.routes_v2 import _parse
+
+    status, code, message = refused(_parse, b'{"inputs":[{"name":"image","shape":"x","datatype":5}]}')
+    assert (status, code) == (400, "bad_request")
+    assert message == ("invalid inference request: inputs.0.shape: Input should be a valid array; "
+                       "inputs.0.datatype: Input should be a valid string")
 
 
 def test_good_requests_json_and_binary_both_ways(client):
@@ -167,3 +195,65 @@ def test_malformed_requests_are_400_or_413(client):
     assert r.status_code == 404 and "unknown model 'other'" in r.text
     r = client.post(f"/v2/models/{NAME}/versions/2/infer", json={"inputs": [uint8()]})
     assert r.status_code == 404 and "unknown version '2'" in r.text
+
+
+def test_tensor_errors_say_exactly_what_was_expected():
+    from ganet.serve.routes_v2 import _pixels
+    from ganet.serve.schemas import V2Tensor
+
+    sample = (3, SIZE, SIZE)
+
+    def tensor(shape, datatype="UINT8", data=None):
+        return V2Tensor(name="image", shape=shape, datatype=datatype, data=data)
+
+    assert refused(_pixels, tensor([1, 3, SIZE]), None, sample) == (
+        400, "invalid_tensor", f"input 'image' UINT8: expected shape [B, 3, {SIZE}, {SIZE}], got [1, 3, {SIZE}]")
+    # binary FP32 whose length is not a whole number of floats: no value is read from it
+    assert refused(_pixels, tensor([1, 3, SIZE, SIZE], "FP32"), b"\x00" * (4 * COUNT - 1), sample) == (
+        400, "invalid_tensor", f"input 'image': shape [1, 3, {SIZE}, {SIZE}] needs {COUNT} values, got 0")
+    assert refused(_pixels, tensor([1, 3, SIZE, SIZE], "FP32"), b"\x00" * 4 * (COUNT - 1), sample)[2] == (
+        f"input 'image': shape [1, 3, {SIZE}, {SIZE}] needs {COUNT} values, got {COUNT - 1}")
+    status, code, message = refused(_pixels, tensor([1, 3, SIZE, SIZE], data=["x"] * COUNT), None, sample)
+    assert (status, code) == (400, "invalid_tensor")
+    assert message == ("input 'image': data is not a flat list of numbers (ValueError: could not convert string to "
+                       "float: 'x')")
+
+
+def test_echoed_error_text_is_cut_to_its_bound(monkeypatch):
+    """What a client's bytes make the parser say is echoed only up to a bound: 500 characters of a ValueError,
+    5 validation errors and 2,000 characters of them, 200 characters of a conversion error."""
+    import pydantic_core
+
+    import ganet.serve.routes_v2 as routes
+
+    def raising(error):
+        def validate(cls, data):
+            raise error
+        return classmethod(validate)
+
+    monkeypatch.setattr(routes.V2InferRequest, "model_validate_json", raising(ValueError("v" * 900)))
+    assert refused(routes._parse, b"{}") == (400, "bad_request", "invalid inference request: " + "v" * 500)
+
+    errors = [{"type": "missing", "loc": ("inputs", i, "k" * 600), "input": None} for i in range(7)]
+    error = pydantic_core.ValidationError.from_exception_data("V2InferRequest", errors)
+    monkeypatch.setattr(routes.V2InferRequest, "model_validate_json", raising(error))
+    listed = "; ".join(f"inputs.{i}.{'k' * 600}: Field required" for i in range(5))
+    assert refused(routes._parse, b"{}")[2] == "invalid inference request: " + listed[:2000]
+    assert len(listed) > 2000
+    short = [{"type": "missing", "loc": ("inputs", i), "input": None} for i in range(7)]
+    monkeypatch.setattr(routes.V2InferRequest, "model_validate_json",
+                        raising(pydantic_core.ValidationError.from_exception_data("V2InferRequest", short)))
+    assert refused(routes._parse, b"{}")[2] == "invalid inference request: " + "; ".join(
+        f"inputs.{i}: Field required" for i in range(5))  # the first 5 of 7
+
+    real_asarray = np.asarray
+
+    def asarray(data, dtype=None):
+        if dtype is np.float64:
+            raise TypeError("t" * 300)
+        return real_asarray(data, dtype=dtype)
+
+    monkeypatch.setattr(routes.np, "asarray", asarray)
+    message = refused(routes._pixels, routes.V2Tensor(name="image", shape=[1, 3, SIZE, SIZE], datatype="UINT8",
+                                                      data=[0] * COUNT), None, (3, SIZE, SIZE))[2]
+    assert message == f"input 'image': data is not a flat list of numbers (TypeError: {'t' * 200})"

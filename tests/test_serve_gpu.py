@@ -80,3 +80,31 @@ def test_nvml_reads_the_drivers_memory():
     print(f"NVML used {before / 2**20:.0f} -> {after / 2**20:.0f} MiB; cudaMemGetInfo used "
           f"{(total - free) / 2**20:.0f} MiB of {total / 2**20:.0f}")
     assert 0 < before < total and after - before >= 0.95 * 2**30
+
+
+@pytest.mark.slow
+def test_frontends_are_the_default_on_cuda_and_answer_like_the_cpu(export_dir, reference):
+    """A real `ganet-serve --backend torch --device cuda` process: with no --frontends it runs N HTTP front ends
+    feeding one model owner (the GPU default), answers as the CPU reference does, and /metrics carries the owner's
+    GPU memory through the multiprocess files."""
+    import json
+
+    import httpx
+
+    from test_serve_http import start_server, stop
+
+    jpegs = [encode(img, "JPEG") for img in photos().values()]
+    proc, url = start_server(export_dir, "--backend", "torch", "--device", "cuda")
+    try:
+        with httpx.Client(base_url=url, timeout=60) as c:
+            for jpeg in jpegs:
+                r = c.post("/classify", files={"file": ("a.jpg", jpeg, "image/jpeg")}, params={"top_k": 10})
+                assert r.status_code == 200, r.text
+                np.testing.assert_allclose(scores_by_index(r.json()), softmax(reference(jpeg)), rtol=0, atol=1e-4)
+            metrics = c.get("/metrics").text
+    finally:
+        log = stop(proc)
+    (setup,) = [json.loads(line) for line in log.splitlines() if '"event": "frontends"' in line]
+    assert 2 <= setup["frontends"] <= 8
+    (used,) = re.findall(r"^ganet_gpu_memory_bytes (\S+)$", metrics, re.M)
+    assert float(used) > 0

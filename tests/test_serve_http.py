@@ -47,10 +47,16 @@ def stop(proc: subprocess.Popen) -> str:
     return proc.stdout.read()
 
 
-@pytest.fixture(scope="module")
-def server(export_dir):  # noqa: F811
+# Every test of a live server runs against one process and against `--frontends 2` (HTTP in two processes, the
+# model in a third): the same answers, limits, errors and drain.
+MODES = {"one process": (), "2 front ends": ("--frontends", "2")}
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def server(request, export_dir):  # noqa: F811
     # max_delay_us from the environment: the GANET_ prefix path of the settings
-    proc, url = start_server(export_dir, "--workers-decode", "2", env={"GANET_MAX_DELAY_US": "20000"})
+    proc, url = start_server(export_dir, "--workers-decode", "2", *MODES[request.param],
+                             env={"GANET_MAX_DELAY_US": "20000"})
     yield url
     log = stop(proc)
     assert proc.returncode in (0, -signal.SIGTERM), log[-3000:]  # uvicorn re-raises the signal it handled
@@ -132,6 +138,41 @@ def test_concurrent_clients_are_batched_and_answers_unchanged(server):
     assert count > ones, "every backend call ran a single image: no batching happened"
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(MODES))
+def test_api_key_limits_and_error_shapes_are_the_same_in_every_mode(export_dir, mode):  # noqa: F811
+    from test_serve import assert_error, bad_inputs
+
+    proc, url = start_server(export_dir, "--max-body-bytes", "200000", "--max-files", "2", "--max-pixels",
+                             "20000000", *MODES[mode], env={"GANET_API_KEY": "s3cret"})
+    key = {"Authorization": "Bearer s3cret"}
+    png = encode(photos()["coffee"].resize((200, 150)), "PNG")  # under the body limit
+    try:
+        with httpx.Client(base_url=url, timeout=30) as c:
+            r = c.post("/classify", content=png, headers={"Content-Type": "image/png"})
+            assert_error(r, 401, "unauthorized", "Bearer")
+            assert r.headers["www-authenticate"] == "Bearer"
+            assert_error(c.post("/classify", content=png, headers={"Content-Type": "image/png",
+                                                                    "Authorization": "Bearer nope"}), 401, "unauthorized")
+            r = c.post("/classify", content=png, headers={"Content-Type": "image/png", **key, "X-Request-ID": "r-1"})
+            assert r.status_code == 200 and r.headers["x-request-id"] == "r-1"
+            assert c.get("/metrics").status_code == 200 and c.get("/v2/health/ready").status_code == 200  # open
+            for name, body, content_type, status, code in bad_inputs():
+                if len(body) <= 200_000:
+                    headers = {"Content-Type": content_type} if content_type else {}
+                    assert_error(c.post("/classify", content=body, headers={**headers, **key}), status, code)
+            assert_error(c.post("/classify", content=b"x" * 300_000, headers={"Content-Type": "image/png", **key}),
+                         413, "body_too_large", "200000")
+            files = [("file", (f"{i}.png", png, "image/png")) for i in range(3)]
+            assert_error(c.post("/classify", files=files, headers=key), 413, "too_many_files")
+            assert_error(c.post("/classify?top_k=11", content=png, headers={"Content-Type": "image/png", **key}),
+                         422, "validation_error")
+            assert_error(c.post("/v2/models/nope/infer", json={"inputs": []}, headers=key), 404, "not_found")
+    finally:
+        log = stop(proc)
+    assert proc.returncode in (0, -signal.SIGTERM), log[-3000:]
+
+
 def _raw_post(port: int, body: bytes) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=20)
     head = (f"POST /classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
@@ -153,8 +194,10 @@ def _read_response(sock: socket.socket) -> tuple[int, dict]:
 
 
 @pytest.mark.slow
-def test_sigterm_finishes_in_flight_requests_then_exits_within_grace(export_dir):  # noqa: F811
-    proc, url = start_server(export_dir, "--grace-s", "3")
+@pytest.mark.parametrize("mode", list(MODES))
+def test_sigterm_finishes_in_flight_requests_then_exits_within_grace(export_dir, mode):  # noqa: F811
+    proc, url = start_server(export_dir, "--grace-s", "3", *MODES[mode])
+    children = descendants(proc.pid)  # front ends, the resource tracker
     port = int(url.rsplit(":", 1)[1])
     body = encode(photos()["chelsea"], "PNG")
     try:
@@ -178,3 +221,40 @@ def test_sigterm_finishes_in_flight_requests_then_exits_within_grace(export_dir)
         log = stop(proc)
     assert proc.returncode in (0, -signal.SIGTERM), log[-3000:]  # uvicorn re-raises the signal it handled
     assert '"event": "shutdown"' in log
+    assert gone(children, timeout_s=5), "processes outlived the server"
+    setups = [json.loads(line) for line in log.splitlines() if '"event": "frontends"' in line]
+    assert len(setups) == (mode != "one process")
+    for setup in setups:  # nothing left in /dev/shm or in the metrics directory
+        assert not Path("/dev/shm", setup["shm"]).exists() and not Path(setup["metrics_dir"]).exists()
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (from /proc: no psutil here)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie waits for whoever reaps in this container, not for us)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except (OSError, IndexError):
+        return False
+
+
+def gone(pids: set[int], timeout_s: float = 10) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while any(running(p) for p in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True

@@ -159,3 +159,56 @@ def test_early_answers_reach_the_client_before_the_body_is_read(server):
             assert r.status_code == 415 and r.json()["code"] == "unsupported_media_type"
             path, body, headers = rs.normal_request()
             assert c.post(path, content=body, headers=headers).status_code == 200
+
+
+def test_past_the_connection_cap_the_idlest_goes_and_a_fresh_keep_alive_stays(export_dir):  # noqa: F811
+    """--max-connections 2. A socket that never sent a request is evicted for a newcomer; a kept-alive connection
+    that answered under a second ago is spared (its client may be sending on it now), so the newcomer gets 503 +
+    Retry-After; once that connection has been quiet for the grace period, it is the one evicted."""
+    import socket
+    import time
+
+    from ganet.serve.connections import EVICT_GRACE_S
+
+    srv = rs.start_server(export_dir, "--max-connections", "2", "--keep-alive-s", "30", "--header-timeout-s", "30")
+    get = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    def connect() -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+        time.sleep(0.1)  # the server has accepted it (or answered it) before the next step
+        return s
+
+    def ask(s: socket.socket) -> bytes:
+        """One keep-alive GET, read to the end of its body."""
+        s.sendall(get)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + int(
+                data.lower().split(b"content-length: ")[1].split(b"\r\n")[0]):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+    try:
+        time.sleep(0.5)  # the readiness probe's connection is gone
+        kept = connect()
+        assert ask(kept).startswith(b"HTTP/1.1 200")
+        silent = connect()  # never sends a byte
+        newcomer = connect()  # third: the silent one is evicted, not the one that just answered
+        assert silent.recv(100) == b"" and ask(newcomer).startswith(b"HTTP/1.1 200")
+        refused = connect()  # both open connections answered moments ago: no one to evict
+        answer = refused.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in answer.lower(), answer
+        assert b'"too_many_connections"' in answer and ask(kept).startswith(b"HTTP/1.1 200")
+        time.sleep(EVICT_GRACE_S + 0.2)
+        newcomer.close()
+        time.sleep(0.1)
+        late = connect()
+        assert ask(late).startswith(b"HTTP/1.1 200")
+        last = connect()  # `kept` has been quiet past the grace; `late` answered just now
+        assert kept.recv(100) == b"" and ask(last).startswith(b"HTTP/1.1 200")
+        for s in (kept, silent, refused, late, last):
+            s.close()
+    finally:
+        srv.stop()

@@ -18,6 +18,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -79,7 +80,9 @@ KILLED, SURVIVED, TIMEOUT, SUSPICIOUS, SKIPPED, UNTESTED = ("ok_killed", "bad_su
 def runner(target: Target) -> str:
     """The test command for one mutant. mutmut 2 counts only exit status 1 as a kill; a mutant that breaks the
     module's import makes pytest exit 2 (collection error), which is a kill too: any failure becomes 1."""
-    parts = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+    # `timeout` bounds the tests even when mutmut's own timeout fires: it kills `sh`, not pytest under it.
+    parts = ["timeout", "-k", "5", str(TEST_LIMIT_S), sys.executable, "-m", "pytest", "-x", "-q", "-p",
+             "no:cacheprovider"]
     if not target.torch:
         parts.append("--noconftest")
     return "sh -c " + shlex.quote(" ".join(shlex.quote(p) for p in (*parts, *target.tests)) + " || exit 1")
@@ -101,7 +104,7 @@ def sync_tree(tree: Path) -> None:
         if not dst.is_file() or not filecmp.cmp(src, dst, shallow=False):
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst)
-    keep = set(files) | {".mutmut-cache", "mutmut_config.py", "mutation_scope.json"}
+    keep = set(files) | {".mutmut-cache", "mutmut_config.py", "mutation_scope.json", ANNOTATION_ONLY}
     for path in sorted(tree.rglob("*"), reverse=True):
         rel = path.relative_to(tree).as_posix()
         linked = any(rel.startswith(f"ganet/{name}") for name in PACKAGE_DIRS)
@@ -115,11 +118,45 @@ def sync_tree(tree: Path) -> None:
             link.symlink_to(Path("..") / directory)
 
 
-HOOK = '''"""Written by tools/mutation.py: mutate only the target's scope (function names, not line numbers)."""
+ANNOTATION_ONLY = "annotation_only.txt"  # in each tree: the mutants skipped as changing a type annotation only
+
+HOOK = '''"""Written by tools/mutation.py: mutate only the target's scope (function names, not line numbers), and skip
+mutants that change nothing but a type annotation (recorded in annotation_only.txt)."""
+import ast
 import json
 from pathlib import Path
 
 _SCOPE = json.loads(Path(__file__).with_name("mutation_scope.json").read_text())
+_SKIPPED = Path(__file__).with_name("annotation_only.txt")
+
+
+def _without_annotations(source):
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.arg):
+            node.annotation = None
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            node.returns = None
+        elif isinstance(node, ast.AnnAssign):
+            node.annotation = ast.Constant("annotation")  # the field stays a field; its type text goes
+    return ast.dump(tree)
+
+
+def _annotation_only(context):
+    """Under `from __future__ import annotations` annotations are strings nothing here evaluates: a mutant whose
+    module is the same once they are blanked is equivalent by construction."""
+    from mutmut import Context, mutate
+
+    source = Path(context.filename).read_text()  # not yet mutated
+    if "from __future__ import annotations" not in source:
+        return False
+    mutant = Context(source=source, mutation_id=context.mutation_id, filename=context.filename,
+                     config=context.config)
+    mutated, performed = mutate(mutant)
+    try:
+        return performed > 0 and _without_annotations(mutated) == _without_annotations(source)
+    except SyntaxError:
+        return False
 
 
 def pre_mutation(context):
@@ -129,6 +166,11 @@ def pre_mutation(context):
         return
     line = context.mutation_id.line_number + 1  # mutmut counts from 0
     if lines != "all" and not any(start <= line <= end for start, end in lines):
+        context.skip = True
+        return
+    if _annotation_only(context):
+        with _SKIPPED.open("a") as f:
+            f.write(f"{line}:{context.mutation_id.index}\\n")
         context.skip = True
 '''
 
@@ -174,6 +216,31 @@ def enclosing(source: str, line: int) -> str:
 
 # --- running ------------------------------------------------------------------------------------------------------
 
+TEST_LIMIT_S = 300  # one mutant's tests, at most
+STALL_S = 360  # no new verdict in mutmut's cache for this long: mutmut has hung
+ATTEMPTS = 5
+
+
+def _run_until_stalled(command: list[str], tree: Path, env: dict[str, str], log_path: Path) -> int | None:
+    """Run mutmut; its exit status, or None if it was killed for recording no verdict in ``STALL_S``."""
+    cache = tree / ".mutmut-cache"
+    with log_path.open("a") as log:
+        log.write(f"\n=== {datetime.now(timezone.utc).isoformat()} {' '.join(command)}\n")
+        log.flush()
+        proc = subprocess.Popen(command, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        last = time.monotonic()
+        while proc.poll() is None:
+            time.sleep(5)
+            if cache.is_file() and time.time() - cache.stat().st_mtime < STALL_S:
+                last = time.monotonic()
+            elif time.monotonic() - last > STALL_S:
+                os.killpg(proc.pid, signal.SIGKILL)  # mutmut, its workers and their tests
+                proc.wait()
+                return None
+    return proc.returncode
+
+
 def run_module(key: str, fresh: bool, log_dir: Path) -> float:
     target = TARGETS[key]
     tree = WORK / key / "tree"
@@ -188,13 +255,19 @@ def run_module(key: str, fresh: bool, log_dir: Path) -> float:
     command = ["mutmut", "run", "--paths-to-mutate", target.path, "--tests-dir", "tests/", "--runner",
                runner(target), "--no-progress", "--simple-output", "-m", "4", "-b", "30"]
     start = time.perf_counter()
-    with (log_dir / f"{key}.log").open("a") as log:
-        log.write(f"\n=== {datetime.now(timezone.utc).isoformat()} {' '.join(command)}\n")
-        log.flush()
-        result = subprocess.run(command, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
+    for attempt in range(1, ATTEMPTS + 1):
+        returncode = _run_until_stalled(command, tree, env, log_dir / f"{key}.log")
+        if returncode is not None:
+            break
+        # mutmut 2.5.1's cache sometimes loses a row mid-run; its worker dies and `mutmut run` waits for ever.
+        # It resumes from its cache, once the scratch copy is restored (the killed run may have left a mutant in).
+        print(f"mutation: {key} stalled (no verdict for {STALL_S} s); restarting ({attempt}/{ATTEMPTS})", flush=True)
+        sync_tree(tree)
+    else:
+        raise SystemExit(f"mutation: mutmut kept stalling on {key}; see {log_dir / key}.log")
     seconds = time.perf_counter() - start
-    if result.returncode & 1:  # mutmut's "fatal error" bit: the baseline failed, or mutmut itself broke
-        raise SystemExit(f"mutation: mutmut failed on {key} (exit {result.returncode}); see {log_dir / key}.log")
+    if returncode & 1:  # mutmut's "fatal error" bit: the baseline failed, or mutmut itself broke
+        raise SystemExit(f"mutation: mutmut failed on {key} (exit {returncode}); see {log_dir / key}.log")
     print(f"mutation: {key} done in {seconds / 60:.1f} min", flush=True)
     return seconds
 
@@ -278,9 +351,11 @@ def machine() -> str:
 
 def write_report(minutes: dict[str, float]) -> float:
     part, explained = hand_written()
-    rows, listed, total_killed, total_scored = [], [], 0, 0
+    rows, listed, total_killed, total_scored, annotation_only = [], [], 0, 0, 0
     for key, target in TARGETS.items():
         counts, survivors = results(key)
+        skipped = WORK / key / "tree" / ANNOTATION_ONLY
+        annotation_only += len(set(skipped.read_text().split())) if skipped.is_file() else 0
         killed = counts.get(KILLED, 0) + counts.get(TIMEOUT, 0) + counts.get(SUSPICIOUS, 0)
         equivalent = [s for s in survivors if s.key in explained]
         scored = killed + len(survivors)
@@ -336,7 +411,10 @@ explained equivalent mutants as killed.
 |---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Overall: **{overall:.1f}%** of {total_scored} mutants killed.
+Overall: **{overall:.1f}%** of {total_scored} mutants killed. Not run, and in no column: {annotation_only}
+mutants that change only a type annotation, equivalent by construction (every module here has `from __future__
+import annotations`, so annotations are strings that nothing evaluates; the hook compares each mutant's syntax tree
+with the original's, annotations blanked).
 
 ## Survivors
 

@@ -1,1 +1,1 @@
-"""ganet.train: training GA-ShuffleNet checkpoints (issue 3 builds it)."""
+"""ganet.train: training GA-ShuffleNet checkpoints."""

@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ganet-train", allow_abbrev=False, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a GA-ShuffleNet (or any registered model) and write checkpoints in the ganet format. With "
                     "no arguments: ga_shufflenet_v2_cifar on the bundled handwritten digits (1,797 8x8 images, "
-                    "fixed 1,437/360 split), about 3 minutes on 2 CPU cores.",
+                    "fixed 1,437/360 split), about 2 minutes on 2 CPU cores.",
     )
     run = parser.add_argument_group("run")
     run.add_argument("--preset", choices=sorted(PRESETS), help="start from one of the paper's recipes "

@@ -46,10 +46,12 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ganet.layers._mask_hooks import MaskHooks
+
 __all__ = ["GroupAttention", "graph_mode"]
 
 
-class GroupAttention(nn.Module):
+class GroupAttention(MaskHooks, nn.Module):
     """Group Attention block (GANet, eqs. 1-9).
 
     Args:
@@ -63,6 +65,10 @@ class GroupAttention(nn.Module):
             does. The models set it: on a CPU a fresh feature-map-sized buffer costs more than the arithmetic.
 
     Shape: (B, C, H, W) -> (B, C, H, W).
+
+    Masks: :meth:`register_mask_hook` hands a hook the masks of each eager forward pass, ``{"unary": att^u (eq. 1),
+    "pool": att^pp (eq. 3, sums to 1 over H*W), "assign": att^pa (eq. 5)}``, each (B, G, H, W), those the
+    ablation keeps (``ganet-visualize`` draws them).
     """
 
     def __init__(
@@ -160,7 +166,9 @@ class GroupAttention(nn.Module):
 
         if not self.use_u4p:  # Table 2 "-U4P": unary relation only
             logits = torch.matmul(self.u4u_conv.weight.view(g, ch), x.reshape(b, ch, n)).to(island)
-            u = self._unary_mask(logits, inplace).unsqueeze(2).to(low)
+            u = self._unary_mask(logits, inplace).unsqueeze(2).to(low)  # (B, G, 1, N)
+            if self._mask_hooks:
+                self._emit_masks({"unary": u.view(b, g, h, w)})
             return (xg.mul_(u) if reuse_input else xg * u).view(b, ch, h, w)
 
         # One pass over x for every logit map: (3G, C) @ (B, C, N) -> (B, 3G, N).
@@ -192,6 +200,10 @@ class GroupAttention(nn.Module):
             out = x_unary.addcmul_(entity, assign_mask.unsqueeze(2))
         else:
             out = torch.addcmul(x_unary, entity, assign_mask.unsqueeze(2))
+        if self._mask_hooks:
+            masks = {"unary": u} if self.use_u4u else {}
+            masks |= {"pool": pool_mask, "assign": assign_mask}
+            self._emit_masks({name: m.view(b, g, h, w) for name, m in masks.items()})
         return out.view(b, ch, h, w)
 
     def _unary_mask(self, logits: torch.Tensor, inplace: bool) -> torch.Tensor:

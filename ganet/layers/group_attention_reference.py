@@ -21,27 +21,38 @@ def normalize(a: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: flo
     return gamma.view(1, -1, 1, 1) * a_bar + beta.view(1, -1, 1, 1)
 
 
-def group_attention_reference(block: GroupAttention, x: torch.Tensor) -> torch.Tensor:
+def reference_masks(block: GroupAttention, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The masks as printed: ``{"unary": att^u (eq. 1), "pool": att^pp (eq. 3), "assign": att^pa (eq. 5)}``, each
+    (B, G, H, W), those the block's ablation keeps."""
     b, c, h, w = x.shape
     g = block.groups
     norm = (lambda a, gm, bt: normalize(a, gm, bt, block.eps)) if block.normalize else (lambda a, gm, bt: a)
 
-    x_groups = x.view(b, g, c // g, h, w)
+    masks = {}
+    x_u = x
     if block.use_u4u:
-        att_u = torch.sigmoid(norm(block.u4u_conv(x), getattr(block, "u4u_gamma", None),
-                                   getattr(block, "u4u_beta", None)))  # eq. (1): (B, G, H, W)
-        x_u = x_groups * att_u.unsqueeze(2)  # eq. (2)
-    else:
-        x_u = x_groups
+        masks["unary"] = torch.sigmoid(norm(block.u4u_conv(x), getattr(block, "u4u_gamma", None),
+                                            getattr(block, "u4u_beta", None)))  # eq. (1)
+        x_u = (x.view(b, g, c // g, h, w) * masks["unary"].unsqueeze(2)).reshape(b, c, h, w)  # eq. (2)
+    if block.use_u4p:
+        pp = norm(block.pool_conv(x_u), getattr(block, "pool_gamma", None), getattr(block, "pool_beta", None))
+        masks["pool"] = F.softmax(pp.view(b, g, h * w), dim=-1).view(b, g, h, w)  # eq. (3)
+        pa = norm(block.assign_conv(x_u), getattr(block, "assign_gamma", None), getattr(block, "assign_beta", None))
+        masks["assign"] = torch.sigmoid(pa)  # eq. (5)
+    return masks
+
+
+def group_attention_reference(block: GroupAttention, x: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.shape
+    g = block.groups
+    masks = reference_masks(block, x)
+
+    x_groups = x.view(b, g, c // g, h, w)
+    x_u = x_groups * masks["unary"].unsqueeze(2) if "unary" in masks else x_groups  # eq. (2): (B, G, C/G, H, W)
     if not block.use_u4p:
         return x_u.reshape(b, c, h, w)
 
-    x_u_flat = x_u.reshape(b, c, h, w)
-    pp = norm(block.pool_conv(x_u_flat), getattr(block, "pool_gamma", None), getattr(block, "pool_beta", None))
-    att_pp = F.softmax(pp.view(b, g, h * w), dim=-1).view(b, g, 1, h, w)  # eq. (3)
-    y = (att_pp * x_u).sum(dim=(3, 4), keepdim=True)  # eq. (4), weighted mean: (B, G, C/G, 1, 1)
-    pa = norm(block.assign_conv(x_u_flat), getattr(block, "assign_gamma", None), getattr(block, "assign_beta", None))
-    att_pa = torch.sigmoid(pa).unsqueeze(2)  # eq. (5): (B, G, 1, H, W)
-    x_p = y * att_pa  # eq. (6)
+    y = (masks["pool"].unsqueeze(2) * x_u).sum(dim=(3, 4), keepdim=True)  # eq. (4), weighted mean: (B, G, C/G, 1, 1)
+    x_p = y * masks["assign"].unsqueeze(2)  # eq. (6)
     out = x_u + block.alpha.view(1, g, 1, 1, 1) * x_p  # eq. (7)
     return out.reshape(b, c, h, w)

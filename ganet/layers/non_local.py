@@ -16,12 +16,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ganet.layers._mask_hooks import MaskHooks
 
-class NonLocal(nn.Module):
+
+class NonLocal(MaskHooks, nn.Module):
     """Embedded-Gaussian non-local block: ``z = x + BN(W(softmax(theta(x)^T phi(x)) g(x)))``.
 
     The inner width is C/2; the output BN's scale starts at 0 so the block starts as the identity (as in the
     paper). ``groups > 1`` splits the inner channels into that many groups with an affinity each (group NL).
+
+    Attention maps: with a hook registered (:meth:`register_mask_hook`), the pass computes the pixel-pair weights
+    ``softmax(theta^T phi)`` explicitly instead of inside ``scaled_dot_product_attention`` (which never
+    materialises them), hands them to the hook as ``{"attention": (B, groups, H, W, H, W)}`` (query pixel first:
+    ``[b, g, y, x]`` is the map query (x, y) attends with, summing to 1), and uses those same weights for the
+    output. ``ganet-visualize`` draws them, as the GANet paper's Figure 1 does.
     """
 
     def __init__(self, channels: int, groups: int = 1, reduction: int = 2, inplace: bool = False) -> None:
@@ -53,7 +61,13 @@ class NonLocal(nn.Module):
             return t.view(b, heads, d, h * w).transpose(2, 3)
 
         # softmax(theta^T phi) without the 1/sqrt(d) of dot-product attention: the embedded-Gaussian form.
-        y = F.scaled_dot_product_attention(split(self.theta(x)), split(self.phi(x)), split(self.g(x)), scale=1.0)
+        q, k, v = split(self.theta(x)), split(self.phi(x)), split(self.g(x))  # (B, heads, N, d) each
+        if self._mask_hooks:
+            attention = torch.softmax(q @ k.transpose(2, 3), dim=-1)  # (B, heads, N, N), rows sum to 1
+            self._emit_masks({"attention": attention.view(b, heads, h, w, h, w)})
+            y = attention @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, scale=1.0)
         y = y.transpose(2, 3).reshape(b, self.inner, h, w)  # (B, inner, H, W)
         z = self.bn(self.out(y))
         return x.add_(z) if self.inplace and not torch.is_grad_enabled() else x + z
