@@ -31,7 +31,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # Not from the paper: the relational experiment's recipe (benchmarks/relational.py, docs/models.md).
     "same-different": dict(
-        model="ga_relnet", data="same-different", input_size=32, epochs=4, batch_size=64, optimizer="adamw",
+        model="ga_relnet", data="same-different", input_size=32, epochs=4, batch_size=32, optimizer="adamw",
         lr=0.002, warmup_epochs=0.5, momentum=0.9, nesterov=True, weight_decay=0.01, label_smoothing=0.0, max_shift=0,
         hflip=False, output="runs/same-different",
     ),
@@ -65,6 +65,8 @@ ASSUMPTIONS: dict[str, list[str]] = {
         "variants x 3 seeds train in about 20 minutes on 2 CPU cores",
         "AdamW at 0.002 (weight decay 0.01, its usual default), not the paper's SGD: in a pilot, NL with SGD at 0.1 "
         "stayed at chance for 250 steps where NL and GA with AdamW passed 65% and 74%",
+        "batch 32: for the same images seen, NL learnt more from 1000 steps of 32 than from 500 of 64 (86% against "
+        "73% held-out in a pilot, even with the larger batch at twice the learning rate)",
         "no augmentation and no label smoothing: the generator draws as many images as wanted, and a shift would "
         "move glyphs without changing the task",
     ],
