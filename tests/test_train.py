@@ -61,13 +61,16 @@ def test_short_run_writes_every_output(tmp_path, capsys):
     assert json.loads((tmp_path / "config.json").read_text())["input_size"] == 8
 
 
-def test_resume_after_kill_is_bitwise_exact(tmp_path):
-    """Kill -9 a run after its first epoch, resume it, and compare with an uninterrupted run: identical weights."""
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_resume_after_kill_is_bitwise_exact(tmp_path, optimizer):
+    """Kill -9 a run after its first epoch, resume it, and compare with an uninterrupted run: identical weights
+    (so the optimizer's state, SGD's momentum or AdamW's moments and step counts, came back exactly)."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     # Every run in a fresh process with the same environment: bitwise equality needs the same thread count, and
     # other tests in this process may have changed torch's (a serving backend sets it).
     cli = [sys.executable, "-m", "ganet.train.cli"]
-    two_epochs = FAST + ["--epochs", "2"]  # killed after the first, resumed into the second (the last flag wins)
+    # killed after the first epoch, resumed into the second (the last flag wins)
+    two_epochs = FAST + ["--epochs", "2", "--optimizer", optimizer] + (["--lr", "0.003"] if optimizer == "adamw" else [])
     subprocess.run(cli + two_epochs + ["--output", str(whole)], check=True, capture_output=True, timeout=300)
 
     proc = subprocess.Popen([sys.executable, "-m", "ganet.train.cli", *two_epochs, "--output", str(killed)],
@@ -80,6 +83,8 @@ def test_resume_after_kill_is_bitwise_exact(tmp_path):
     proc.wait()
     assert metrics.read_text().count("\n") < 2, "the run finished before it could be killed"
 
+    saved = {k.split(".", 1)[0] for k in load_file(killed / "last.state.safetensors")} - {"model"}
+    assert saved == {"sgd": {"momentum"}, "adamw": {"adamw_exp_avg", "adamw_exp_avg_sq", "adamw_step"}}[optimizer]
     subprocess.run(cli + ["--resume", str(killed)], check=True, capture_output=True, timeout=300)
     a, b = load_file(whole / "last.safetensors"), load_file(killed / "last.safetensors")
     assert a.keys() == b.keys()
@@ -98,6 +103,8 @@ def test_bad_config_is_a_clear_error(tmp_path, capsys):
     assert "data must be one of digits, cifar10, cifar100, imagefolder" in capsys.readouterr().err
     assert main(["--amp", "fp8", "--output", str(tmp_path)]) == 2
     assert "amp must be one of" in capsys.readouterr().err
+    assert main(["--optimizer", "adam", "--output", str(tmp_path)]) == 2
+    assert "optimizer must be one of sgd, adamw; got 'adam'" in capsys.readouterr().err
     assert main(["--resume", str(tmp_path / "nothing")]) == 2
     assert "no config.json" in capsys.readouterr().err
     assert main(["--resume", str(tmp_path), "--preset", "cifar100"]) == 2

@@ -13,6 +13,7 @@ from typing import Any
 from ganet.system import usable_cpus
 
 AMP_MODES = ("auto", "off", "bf16", "fp16")
+OPTIMIZERS = ("sgd", "adamw")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -27,8 +28,9 @@ class TrainConfig:
     # What to train on what
     model: str = _opt("ga_shufflenet_v2_cifar", "registered model name (see ganet-profile)")
     data: str = _opt("digits", "data set: digits (scikit-learn's bundled handwritten digits, no download), cifar10, "
-                               "cifar100 (torchvision's on-disk format in --data-dir) or imagefolder "
-                               "(--data-dir/train/<class>/*.jpg and --data-dir/val/<class>/*.jpg)")
+                               "cifar100 (torchvision's on-disk format in --data-dir), imagefolder "
+                               "(--data-dir/train/<class>/*.jpg and --data-dir/val/<class>/*.jpg) or same-different "
+                               "(generated: are two distant glyphs the same? needs --input-size 32)")
     data_dir: str = _opt("data", "where cifar10/cifar100/imagefolder data live")
     download: bool = _opt(False, "download CIFAR into --data-dir if it is missing (never done unless asked)")
     strict: bool = _opt(False, "stop at the first corrupt image of an image folder instead of skipping and counting")
@@ -40,12 +42,14 @@ class TrainConfig:
                           "about 2 minutes on 2 CPU cores")
     batch_size: int = _opt(64, "images per optimizer step, over all processes (each of N torchrun processes takes "
                                "batch_size / N)")
-    lr: float = _opt(0.1, "peak learning rate of SGD, reached after the warm-up")
+    optimizer: str = _opt("sgd", "sgd (the paper's; with --momentum and --nesterov) or adamw (betas 0.9, 0.999; "
+                                 "--weight-decay is then decoupled)")
+    lr: float = _opt(0.1, "peak learning rate, reached after the warm-up")
     warmup_epochs: float = _opt(1.0, "linear warm-up from 0, then cosine decay to 0 at the last step; a warm-up as "
                                      "long as the run or longer is cut to half the run (so --epochs 1 works)")
-    momentum: float = _opt(0.9, "SGD momentum")
-    nesterov: bool = _opt(True, "Nesterov momentum")
-    weight_decay: float = _opt(5e-4, "L2 weight decay")
+    momentum: float = _opt(0.9, "SGD momentum (sgd only)")
+    nesterov: bool = _opt(True, "Nesterov momentum (sgd only)")
+    weight_decay: float = _opt(5e-4, "weight decay: L2 in SGD's gradient, decoupled in AdamW")
     label_smoothing: float = _opt(0.1, "label smoothing of the cross-entropy loss")
     # Augmentation of in-memory data sets (image folders use the standard ImageNet random-resized-crop + flip)
     max_shift: int = _opt(2, "random translation of the network input by up to this many pixels (zero-filled in "
@@ -100,6 +104,8 @@ class TrainConfig:
             problems.append(f"lr must be > 0, got {self.lr}")
         if self.warmup_epochs < 0:
             problems.append(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.optimizer not in OPTIMIZERS:
+            problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
         if self.amp not in AMP_MODES:
             problems.append(f"amp must be one of {', '.join(AMP_MODES)}; got {self.amp!r}")
         if self.device not in DEVICES:

@@ -1,4 +1,7 @@
-"""The data sets ``ganet-train`` reads, by name: :func:`build_dataset` ("digits", "cifar10", "cifar100", "imagefolder").
+"""The data sets ``ganet-train`` reads, by name: :func:`build_dataset` ("digits", "cifar10", "cifar100", "imagefolder",
+"same-different").
+
+* "same-different" is generated in memory (:mod:`ganet.train.same_different`): two glyphs far apart, same or not.
 
 * CIFAR-10/100 load into memory (a :class:`~ganet.train.data.DataSplit` of uint8 tensors) from torchvision's on-disk
   format, ``DATA_DIR/cifar-10-batches-py/`` or ``DATA_DIR/cifar-100-python/``, without torchvision: the pickles go
@@ -28,12 +31,13 @@ from torch.utils.data import Dataset
 from ganet.preprocess import (CIFAR10_MEAN, CIFAR10_STD, CIFAR_MEAN, CIFAR_STD, Preprocessing, image_to_uint8,
                               normalize_uint8, to_rgb)
 from ganet.train.data import DataSplit, ImageTensors, load_digits
+from ganet.train.same_different import load_same_different
 
 __all__ = ["DATASETS", "IMAGE_EXTENSIONS", "DatasetNotFoundError", "DatasetFormatError", "CorruptImageError",
            "BadSample", "FolderSplit", "ImageFolderDataset", "build_dataset", "load_cifar", "load_imagefolder",
-           "collate_skip_bad", "dataset_location_problem"]
+           "collate_skip_bad", "dataset_location_problem", "load_same_different"]
 
-DATASETS = ("digits", "cifar10", "cifar100", "imagefolder")
+DATASETS = ("digits", "cifar10", "cifar100", "imagefolder", "same-different")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 
 
@@ -64,6 +68,8 @@ def build_dataset(data: str, *, data_dir: str | Path | None, input_size: int, do
         raise ValueError(f"unknown data set {data!r}; valid names: {', '.join(DATASETS)}")
     if data == "digits":
         return load_digits(input_size)
+    if data == "same-different":
+        return load_same_different(input_size)
     if data_dir is None:
         raise ValueError(f"data set {data!r} needs a data folder (--data-dir)")
     if data in _CIFAR:

@@ -1,12 +1,13 @@
-"""The training loop: SGD with warm-up + cosine, held-out evaluation, atomic best/last checkpoints, exact resume,
-mixed precision, channels_last, torch.compile and DistributedDataParallel under ``torchrun``.
+"""The training loop: SGD (or AdamW) with warm-up + cosine, held-out evaluation, atomic best/last checkpoints, exact
+resume, mixed precision, channels_last, torch.compile and DistributedDataParallel under ``torchrun``.
 
 Outputs in ``cfg.output`` (written by rank 0 only):
 
 * ``best.safetensors``: the deployable checkpoint with the best held-out top-1 (what ``ganet-export`` reads);
 * ``last.safetensors``: the latest epoch's weights, same format;
-* ``last.state.safetensors``: weights, optimizer momentum, gradient-scaler state and the loop's position, in one
-  atomic file, so a kill at any moment leaves a consistent state to resume from (``--resume DIR``);
+* ``last.state.safetensors``: weights, optimizer state (SGD's momentum or AdamW's moments), gradient-scaler state
+  and the loop's position, in one atomic file, so a kill at any moment leaves a consistent state to resume from
+  (``--resume DIR``);
 * ``metrics.jsonl``: one JSON line per epoch (loss, top-1, top-5, learning rate, images/s, skipped images);
 * ``config.json``: the resolved configuration; ``tensorboard/``: the same metrics as TensorBoard events.
 
@@ -282,15 +283,27 @@ def load_matching_weights(model: nn.Module, path: str | Path, log: Callable[[str
         + (f"; fresh: {', '.join(fresh[:6])}{' ...' if len(fresh) > 6 else ''}" if fresh else ""))
 
 
+def make_optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.nesterov)
+
+
+# Per-parameter optimizer state in the resume file: state key -> tensor name prefix. SGD keeps "momentum." (the
+# name resume files have always used); AdamW's step counts are 0-d tensors.
+_OPTIMIZER_STATE = {"sgd": {"momentum_buffer": "momentum"},
+                    "adamw": {"exp_avg": "adamw_exp_avg", "exp_avg_sq": "adamw_exp_avg_sq", "step": "adamw_step"}}
+
+
 def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                 epoch: int, best_top1: float, metrics_line: str) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    names = {id(p): n for n, p in model.named_parameters()}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            buf = optimizer.state.get(p, {}).get("momentum_buffer")
-            if buf is not None:
-                tensors[f"momentum.{names[id(p)]}"] = buf.detach().cpu().contiguous()
+    prefixes = _OPTIMIZER_STATE["adamw" if isinstance(optimizer, torch.optim.AdamW) else "sgd"]
+    for name, p in model.named_parameters():
+        for key, value in optimizer.state.get(p, {}).items():
+            if key in prefixes and value is not None:
+                tensors[f"{prefixes[key]}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
     # The epoch's metrics.jsonl line rides along: a kill between this save and its append cannot lose it.
     meta = {"epochs_done": str(epoch + 1), "best_top1": repr(best_top1), "scaler": json.dumps(scaler.state_dict()),
             "metrics": metrics_line}
@@ -299,13 +312,15 @@ def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, 
 
 def _load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                 scaler: torch.amp.GradScaler) -> tuple[int, float, str | None]:
-    """Restore model, momentum and scaler; (epochs done, best top-1, the last epoch's metrics line)."""
+    """Restore model, optimizer state and scaler; (epochs done, best top-1, the last epoch's metrics line)."""
     if not path.is_file():
         raise ValueError(f"cannot resume: {path} does not exist (the run stopped before its first epoch ended)")
     entries, meta = read_tensor_file_header(path)  # a corrupt file: CheckpointError naming it, before any load
     mine = {f"model.{k}": tuple(v.shape) for k, v in model.state_dict().items()}
     params = dict(model.named_parameters())
-    mine |= {f"momentum.{k}": tuple(p.shape) for k, p in params.items()}
+    prefixes = _OPTIMIZER_STATE["adamw" if isinstance(optimizer, torch.optim.AdamW) else "sgd"]
+    for key, prefix in prefixes.items():
+        mine |= {f"{prefix}.{k}": () if key == "step" else tuple(p.shape) for k, p in params.items()}
     misfit = [k for k, e in entries.items() if mine.get(k) != e.shape] + \
         [k for k in mine if k.startswith("model.") and k not in entries]
     if misfit:
@@ -320,9 +335,12 @@ def _load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     device = next(model.parameters()).device
     tensors = load_file(str(path), device=str(device))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    by_prefix = {prefix: key for key, prefix in prefixes.items()}
     for k, v in tensors.items():
-        if k.startswith("momentum."):
-            optimizer.state[params[k[9:]]]["momentum_buffer"] = v
+        prefix, _, name = k.partition(".")
+        if prefix in by_prefix:
+            # AdamW keeps its step count on the CPU unless capturable: as it was saved
+            optimizer.state[params[name]][by_prefix[prefix]] = v.cpu() if by_prefix[prefix] == "step" else v
     if scaler_state:
         scaler.load_state_dict(scaler_state)
     return done, best, meta.get("metrics")
@@ -400,8 +418,7 @@ def fit(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = pri
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model.to(rt.device, memory_format=fmt)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    optimizer = make_optimizer(cfg, model)
     amp = autocast_dtype(cfg, rt.device)
     scaler = torch.amp.GradScaler(rt.device.type, enabled=amp is torch.float16)
 
