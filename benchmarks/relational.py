@@ -155,7 +155,8 @@ def cpu_model() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="comma-separated RelNet models to train (default: all nine)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per variant (default: %(default)s)")

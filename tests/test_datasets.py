@@ -458,7 +458,7 @@ def test_imagefolder_layout_errors(folder, damage):
 # ---------------------------------------------------------------------------------------------------- registry
 
 def test_build_dataset_dispatch(tmp_path, folder):
-    assert DATASETS == ("digits", "cifar10", "cifar100", "imagefolder")
+    assert DATASETS == ("digits", "cifar10", "cifar100", "imagefolder", "same-different")
     digits = build_dataset("digits", data_dir=None, input_size=12)
     assert isinstance(digits, DataSplit) and digits.preprocessing.input_size == 12
     write_cifar10(tmp_path)
@@ -471,6 +471,8 @@ def test_build_dataset_dispatch(tmp_path, folder):
     assert isinstance(images, FolderSplit) and images.preprocessing == PREP
     with pytest.raises(DatasetFormatError):
         build_dataset("imagefolder", data_dir=folder, input_size=40, strict=True)
+    relational = build_dataset("same-different", data_dir=None, input_size=32)  # generated: no folder needed
+    assert relational.labels == ("different", "same") and relational.train.images.shape[1:] == (3, 32, 32)
 
 
 def test_build_dataset_rejects_bad_requests(tmp_path):
