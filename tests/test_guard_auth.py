@@ -205,6 +205,21 @@ def test_the_comparison_is_constant_time(probe_dir, monkeypatch):
                                                                 sorted((KEY[:-1].encode(), KEY.encode()))]
 
 
+def test_a_refused_client_is_told_how_to_send_the_key(probe_dir):
+    """The 401 body names the header to send; WWW-Authenticate: Bearer; the request id is kept."""
+    backend, spec = load_backend(probe_dir, "onnxruntime", intra_op_threads=1)
+    app = create_app(ServeSettings(model=probe_dir, api_key=KEY, warmup=False, workers_decode=1), backends=[backend],
+                     spec=spec)
+    with TestClient(app) as c:
+        for i, authorization in enumerate((None, f"Bearer {KEY[:-1]}")):
+            extra = {} if authorization is None else {"Authorization": authorization}
+            r = c.post("/classify", content=png(),
+                       headers={"Content-Type": "image/png", "X-Request-ID": f"refused-{i}", **extra})
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", authorization
+            assert r.json() == {"error": "missing or wrong API key: send `Authorization: Bearer <key>`",
+                                "code": "unauthorized", "request_id": f"refused-{i}"}, authorization
+
+
 def test_without_a_key_inference_is_open_and_an_empty_key_is_refused(probe_dir):
     backend, spec = load_backend(probe_dir, "onnxruntime", intra_op_threads=1)
     app = create_app(ServeSettings(model=probe_dir, warmup=False, workers_decode=1), backends=[backend], spec=spec)

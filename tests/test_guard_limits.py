@@ -6,15 +6,21 @@ from __future__ import annotations
 import asyncio
 import io
 import re
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from starlette.requests import Request
 
-from ganet.serve.app import create_app, load_backends, warmup_sizes
+from ganet.serve import app as serve_app
+from ganet.serve.app import ServeState, create_app, deadline_of, load_backends, warmup_sizes
 from ganet.serve.backends import load_backend
+from ganet.serve.batcher import DeadlineExceededError, QueueFullError
+from ganet.serve.errors import ServeError
+from ganet.serve.metrics import Metrics
 from ganet.serve.settings import ServeSettings
 from probe_export import SIZE, make_probe_export
 from test_guard_batching import Recording
@@ -137,3 +143,111 @@ def test_load_backends_cpu_defaults(probe_dir, monkeypatch):
     assert len(backends) == 3 and spec.max_batch == 6 and len({id(b.session) for b in backends}) == 3
     small = make_probe_export(probe_dir.parent / "small", max_batch=3)
     assert load_backends(ServeSettings(model=small, intra_op_threads=1))[1].max_batch == 3  # never raised
+
+
+def test_not_ready_answer_says_why(probe_dir):
+    """A request before the model is ready (or while it shuts down) is told so, and when to retry."""
+    app, recording = app_for(probe_dir)
+    with TestClient(app) as c:
+        app.state.serve.ready = False
+        r = c.post("/classify", content=png(), headers={"Content-Type": "image/png", "X-Request-ID": "early-1"})
+        app.state.serve.ready = True
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json() == {"error": "the model is not ready yet (warming up or shutting down)", "code": "not_ready",
+                        "request_id": "early-1"}
+    assert recording.calls == []
+
+
+# ServeState.infer and deadline_of against a fixed clock: time.monotonic() as ganet.serve.app sees it is NOW.
+NOW = 100.0
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    monkeypatch.setattr(serve_app, "time", SimpleNamespace(monotonic=lambda: NOW))
+
+
+class StubBatcher:
+    """Stands in for DynamicBatcher: records the timeout_s of every submit and answers the image back (or raises)."""
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error, self.timeouts = error, []
+
+    async def submit(self, image: np.ndarray, timeout_s: float) -> np.ndarray:
+        self.timeouts.append(timeout_s)
+        if self.error is not None:
+            raise self.error
+        return image
+
+
+def serve_state(batcher=None, timeout_ms: float = 1000) -> ServeState:
+    settings = ServeSettings(model="unused", timeout_ms=timeout_ms, workers_decode=1)
+    return ServeState(settings, Metrics(), batcher=batcher, ready=batcher is not None)
+
+
+def infer_refusal(state: ServeState, deadline: float | None) -> ServeError:
+    with pytest.raises(ServeError) as e:
+        asyncio.run(state.infer([np.zeros((3, SIZE, SIZE), np.uint8)], deadline))
+    return e.value
+
+
+def test_infer_without_a_deadline_waits_timeout_ms(clock):
+    """No deadline given: every image may wait the whole --timeout-ms in the batcher, in seconds."""
+    for timeout_ms, seconds in ((1000, 1.0), (250, 0.25)):
+        batcher = StubBatcher()
+        first, second = np.zeros((3, SIZE, SIZE), np.uint8), np.ones((3, SIZE, SIZE), np.uint8)
+        assert asyncio.run(serve_state(batcher, timeout_ms).infer([first, second])) == [first, second]
+        assert batcher.timeouts == [seconds, seconds]
+
+
+def test_infer_waits_what_is_left_of_the_deadline(clock):
+    """An explicit deadline: the batcher gets deadline - now, not --timeout-ms, even when under a second is left."""
+    for left in (0.25, 0.5):
+        batcher = StubBatcher()
+        image = np.zeros((3, SIZE, SIZE), np.uint8)
+        assert asyncio.run(serve_state(batcher).infer([image], NOW + left)) == [image]
+        assert batcher.timeouts == [left]
+
+
+def test_infer_refuses_a_deadline_already_reached(clock):
+    """A deadline at (or before) now is a 504 naming where it passed, and nothing is queued."""
+    for deadline in (NOW, NOW - 1):
+        batcher = StubBatcher()
+        e = infer_refusal(serve_state(batcher), deadline)
+        assert (e.status, e.code, e.headers) == (504, "deadline_exceeded", {})
+        assert e.message == ("the request's deadline of 1000 ms (--timeout-ms) passed before inference (reading and "
+                             "decoding took it all)")
+        assert batcher.timeouts == []
+
+
+def test_infer_queue_full_is_503_saying_why(clock):
+    """The batcher's queue is full: 503 + Retry-After, with the batcher's reason in the message."""
+    e = infer_refusal(serve_state(StubBatcher(QueueFullError("256 images already wait for inference"))), None)
+    assert (e.status, e.code, e.headers) == (503, "queue_full", {"Retry-After": "1"})
+    assert e.message == "server overloaded: 256 images already wait for inference; retry later"
+
+
+def test_infer_deadline_passed_in_the_batcher_is_504_saying_why(clock):
+    """The deadline passes while the image waits in the batcher: 504 naming --timeout-ms and the batcher's reason."""
+    e = infer_refusal(serve_state(StubBatcher(DeadlineExceededError("deadline passed while queued"))), None)
+    assert (e.status, e.code, e.headers) == (504, "deadline_exceeded", {})
+    assert e.message == ("the request's deadline of 1000 ms (--timeout-ms) passed before inference finished: "
+                         "deadline passed while queued")
+
+
+def request_with(state: dict, timeout_ms: float = 1000) -> Request:
+    """A request whose state is ``state`` (the middleware sets ``deadline`` there), of an app with --timeout-ms."""
+    app = SimpleNamespace(state=SimpleNamespace(serve=serve_state(timeout_ms=timeout_ms)))
+    return Request({"type": "http", "app": app, "state": state})
+
+
+def test_deadline_of_is_the_one_set_when_the_request_arrived(clock):
+    """The middleware's deadline is used as it is, not recomputed from now."""
+    assert deadline_of(request_with({"deadline": 123.5})) == 123.5
+    assert deadline_of(request_with({"deadline": NOW - 2})) == NOW - 2  # already passed: still that one
+
+
+def test_deadline_of_defaults_to_timeout_ms_from_now(clock):
+    """A request the middleware set no deadline on: --timeout-ms from now, in time.monotonic() seconds."""
+    assert deadline_of(request_with({})) == NOW + 1.0
+    assert deadline_of(request_with({}, timeout_ms=250)) == NOW + 0.25
