@@ -85,7 +85,8 @@ def run(rounds: int, steps: int, recipe_steps: int, imagenet_batch: int, threads
     cifar_rate = loop["images_per_s"]["ganet_augmented"]["median"] if batch == 64 else None
     log("Training: the paper's recipes")
     recipes = {name: recipe(name, imagenet_batch if PRESETS[name]["input_size"] > 32 else batch, recipe_steps,
-                            cifar_rate if name == "cifar100" else None, log) for name in PRESETS}
+                            cifar_rate if name == "cifar100" else None, log)
+               for name in PRESETS if PRESETS[name]["data"] in TRAIN_IMAGES}  # the paper's recipes, not ours
     return {"threads": threads, "loop": loop, "recipes": recipes}
 
 
