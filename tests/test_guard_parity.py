@@ -167,6 +167,8 @@ def test_parity_inputs_are_the_photographs_and_the_held_out_digits():
     held = P.digits_images(digits_prep, "val", limit=5)
     assert held.images.shape == (5, 3, 8, 8) and held.names[0] == "digits-val:0" and held.targets.shape == (5,)
     assert len(P.digits_images(digits_prep, "train", limit=3)) == 3
+    default = P.digits_images(digits_prep, limit=5)  # the held-out split unless asked: parity on unseen images
+    assert default.names == held.names and np.array_equal(default.images, held.images)
     both = resolve_export_data({}, digits_prep, ()).parity_inputs()
     assert len(both) == len(names) + DIGITS_HOLDOUT and both.names[len(names)] == "digits-val:0"
     photos_only = resolve_export_data({"data": "cifar10"}, digits_prep, ())  # no folder recorded: photographs only
