@@ -145,6 +145,58 @@ def test_load_backends_cpu_defaults(probe_dir, monkeypatch):
     assert load_backends(ServeSettings(model=small, intra_op_threads=1))[1].max_batch == 3  # never raised
 
 
+def _events(caplog, event: str) -> list:
+    return [r for r in caplog.records if getattr(r, "event", None) == event]
+
+
+def test_load_backends_says_what_it_chose_and_why(probe_dir, monkeypatch, caplog):
+    """The start-up lines an operator reads: how many instances and why, the CPU batch cap and why (only when the
+    export's maximum is above it), and which backend was chosen said once however many instances load it."""
+    monkeypatch.setattr("ganet.serve.app.usable_cpus", lambda: 4)
+    monkeypatch.setattr("ganet.serve.backends.usable_cpus", lambda: 4)
+    caplog.set_level("INFO", logger="ganet.serve")
+    load_backends(ServeSettings(model=probe_dir, intra_op_threads=2))
+    (instances,) = _events(caplog, "instances")
+    assert instances.getMessage() == "instances"
+    assert (instances.instances, instances.backend, instances.why) == (2, "onnxruntime",
+                                                                      "one per intra-op thread group on the CPU")
+    (cap,) = _events(caplog, "max_batch")
+    assert (cap.getMessage(), cap.max_batch) == ("max batch", 4)
+    assert cap.why == "on the CPU larger batches cost as much per image and keep the other instances idle " \
+                      "(--max-batch overrides)"
+    caplog.clear()
+    backends, _ = load_backends(ServeSettings(model=probe_dir, intra_op_threads=1, instances=3))
+    assert len(backends) == 3 and len(_events(caplog, "backend")) == 1  # three loads, one line
+    caplog.clear()
+    one_cpu = make_probe_export(probe_dir.parent / "at-the-cap", max_batch=4)
+    monkeypatch.setattr("ganet.serve.app.usable_cpus", lambda: 1)  # fewer CPUs than intra-op threads: still one
+    backends, spec = load_backends(ServeSettings(model=one_cpu, intra_op_threads=2))
+    assert len(backends) == 1 and _events(caplog, "instances")[0].instances == 1
+    assert spec.max_batch == 4 and _events(caplog, "max_batch") == []  # at the cap, not above it: nothing to say
+
+
+def test_load_backends_gives_an_accelerator_one_instance_and_its_whole_batch(probe_dir, monkeypatch, caplog):
+    """ONNX Runtime on CUDA (stood in for: no GPU here) is not 'on the CPU': one instance, the export's maximum
+    batch, no cap, and the log says why."""
+    _, spec = load_backend(probe_dir, "onnxruntime", intra_op_threads=1)
+    gpu = SimpleNamespace(name="onnxruntime", device="CUDAExecutionProvider",
+                          session=SimpleNamespace(get_session_options=lambda: SimpleNamespace(intra_op_num_threads=1)))
+    monkeypatch.setattr(serve_app, "load_backend", lambda *a, **k: (gpu, spec))
+    monkeypatch.setattr("ganet.serve.app.usable_cpus", lambda: 4)
+    caplog.set_level("INFO", logger="ganet.serve")
+    backends, served = load_backends(ServeSettings(model=probe_dir))
+    assert backends == [gpu] and served.max_batch == spec.max_batch > 4
+    (instances,) = _events(caplog, "instances")
+    assert (instances.instances, instances.why) == (1, "one per GPU") and _events(caplog, "max_batch") == []
+
+
+def test_warmup_sizes_exactly():
+    """Every size up to 8, then the powers of two, and the maximum itself (each warmed once, ascending)."""
+    assert warmup_sizes(1) == [1] and warmup_sizes(4) == [1, 2, 3, 4]
+    assert warmup_sizes(12) == [1, 2, 3, 4, 5, 6, 7, 8, 12]
+    assert warmup_sizes(32) == [1, 2, 3, 4, 5, 6, 7, 8, 16, 32]
+
+
 def test_not_ready_answer_says_why(probe_dir):
     """A request before the model is ready (or while it shuts down) is told so, and when to retry."""
     app, recording = app_for(probe_dir)
