@@ -57,6 +57,9 @@ def test_body_limit_with_and_without_content_length(probe_dir):
         assert r.json() == {"error": f"request body of {LIMIT + 1} bytes exceeds the limit of {LIMIT} bytes",
                             "code": "body_too_large", "request_id": "big-1"}
         assert r.headers["x-request-id"] == "big-1"
+        # answered by the middleware before any route ran: still a well-formed JSON response
+        assert r.headers["content-type"] == "application/json"
+        assert r.headers["content-length"] == str(len(r.content))
 
         def chunks(total: int):
             for i in range(0, total, 500):
