@@ -174,3 +174,83 @@ def test_parity_inputs_are_the_photographs_and_the_held_out_digits():
     photos_only = resolve_export_data({"data": "cifar10"}, digits_prep, ())  # no folder recorded: photographs only
     assert not photos_only.reachable and len(photos_only.parity_inputs()) == len(names)
     assert "--data-dir" in photos_only.note
+
+
+def exact_logits(n: int, classes: int = 3) -> np.ndarray:
+    """(n, classes) float32: 2.0 on class i % classes, 0.0 elsewhere, so that adding a power of two is exact."""
+    out = np.zeros((n, classes), np.float32)
+    out[np.arange(n), np.arange(n) % classes] = 2.0
+    return out
+
+
+def test_three_worst_inputs_are_named_by_default():
+    """Without worst_k, five off inputs give exactly the three worst, worst first, with their exact errors."""
+    reference = exact_logits(5)
+    offset = np.zeros(reference.shape)
+    for i, error in zip([3, 0, 4, 1, 2], [0.5, 0.25, 0.125, 0.0625, 0.03125]):
+        offset[i, (i + 1) % 3] = error  # a non-top class: top-1 kept
+    result = P.run_parity(offset_runner(reference, offset), inputs(5), reference, [5], P.tolerances()["onnx"])
+    assert result.worst == [{"input": "img:3", "max_abs": 0.5, "top1_agrees": True},
+                            {"input": "img:0", "max_abs": 0.25, "top1_agrees": True},
+                            {"input": "img:4", "max_abs": 0.125, "top1_agrees": True}]
+
+
+def test_a_wrong_output_shape_is_named_exactly():
+    """A runner dropping a class: the error reads exactly 'output shape ... at batch B, expected ...'."""
+    reference = exact_logits(4)
+    with pytest.raises(P.ParityError) as raised:
+        P.run_parity(lambda images: np.zeros((len(images), 2), np.float32), inputs(4), reference, [2],
+                     P.tolerances()["onnx"])
+    assert str(raised.value) == "output shape (4, 2) at batch 2, expected (4, 3)"
+
+
+def test_tied_batch_sizes_name_the_worst_inputs_of_the_first_one_checked():
+    """Two batch sizes off by exactly 0.5 at different images: the worst inputs are those of the first listed."""
+    n = 5
+    reference = exact_logits(n)
+    seen = {"n": 0}
+    # pass 0 (batch size 3) is off at img:1 (0.5) and img:0 (0.25); pass 1 (batch size 1) at img:3 and img:4
+    errors = {0: {1: 0.5, 0: 0.25}, 1: {3: 0.5, 4: 0.25}}
+
+    def per_pass(images: np.ndarray) -> np.ndarray:
+        start, k = seen["n"] % n, seen["n"] // n
+        seen["n"] += len(images)
+        out = reference[start:start + len(images)].copy()
+        for i, error in errors[k].items():
+            if start <= i < start + len(images):
+                out[i - start, (i + 1) % 3] += error
+        return out
+
+    tol = {"max_abs": 1.0, "top1_agreement": 1.0}
+    result = P.run_parity(per_pass, inputs(n), reference, [3, 1], tol, worst_k=2)
+    assert result.by_batch["3"]["max_abs"] == result.by_batch["1"]["max_abs"] == 0.5
+    assert result.worst == [{"input": "img:1", "max_abs": 0.5, "top1_agrees": True},
+                            {"input": "img:0", "max_abs": 0.25, "top1_agrees": True}]
+
+
+@pytest.mark.parametrize("error, passes", [(2.0 ** -10, True), (2.0 ** -10 + 2.0 ** -20, False)])
+def test_an_error_exactly_at_the_bound_passes(error, passes):
+    """max |dlogit| equal to the max_abs bound (2**-10, exact in fp32) passes; one fp step more fails."""
+    reference = exact_logits(4)
+    offset = np.zeros(reference.shape)
+    offset[2, 0] = error
+    tol = {"max_abs": 2.0 ** -10, "top1_agreement": 1.0}
+    result = P.run_parity(offset_runner(reference, offset), inputs(4), reference, [1, 4], tol)
+    assert result.max_abs == error and result.top1_agreement == 1.0
+    assert result.passed is passes
+
+
+def test_failure_message_pinned_with_several_worst_inputs():
+    """The whole message a user reads: a differing top-1 is flagged, agreeing ones carry no suffix, ', ' between."""
+    reference = exact_logits(4)
+    offset = np.zeros(reference.shape)
+    offset[0, 1] = 3.0  # img:0 class 1 becomes 3.0 > 2.0: top-1 differs
+    offset[2, 0] = 0.5  # img:2 keeps class 2 on top
+    offset[1, 2] = 0.125  # img:1 keeps class 1 on top
+    result = P.run_parity(offset_runner(reference, offset), inputs(4), reference, [2, 4], P.tolerances()["onnx"])
+    assert not result.passed
+    # mean |dlogit| = (3 + 0.5 + 0.125) / 12 = 0.30208..., agreement 3/4
+    assert P.failure_message("ONNX Runtime fp32", result) == (
+        "ONNX Runtime fp32 parity failed: max |dlogit| 3, mean 0.302, top-1 agreement 75.00% on 4 images; "
+        "tolerance max |dlogit| <= 0.0001, top-1 agreement >= 100.0%; by batch size 2: 3/75.0%, 4: 3/75.0%; "
+        "worst inputs: img:0 (max |dlogit| 3, top-1 differs), img:2 (max |dlogit| 0.5), img:1 (max |dlogit| 0.125)")
