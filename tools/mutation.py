@@ -225,8 +225,8 @@ ATTEMPTS = 20  # the cache fault strikes a few times per module; each restart re
 
 
 def _run_until_stalled(command: list[str], tree: Path, env: dict[str, str], log_path: Path) -> int | None:
-    """Run mutmut; its exit status, or None if it was killed: its worker died (a traceback from ``check_mutants``
-    in the log), or it recorded no verdict for ``STALL_S``."""
+    """Run mutmut; its exit status, or None if it was killed: it or its worker died (a traceback in the log), or
+    it recorded no verdict for ``STALL_S``."""
     cache = tree / ".mutmut-cache"
     with log_path.open("a") as log:
         log.write(f"\n=== {datetime.now(timezone.utc).isoformat()} {' '.join(command)}\n")
@@ -239,7 +239,7 @@ def _run_until_stalled(command: list[str], tree: Path, env: dict[str, str], log_
             time.sleep(5)
             with log_path.open() as f:
                 f.seek(offset)
-                worker_died = "Process check_mutants:" in f.read()
+                worker_died = "Traceback (most recent call last)" in f.read()  # mutmut prints no others
             last = max(started, cache.stat().st_mtime if cache.is_file() else 0.0)
             if worker_died or time.time() - last > STALL_S:
                 os.killpg(proc.pid, signal.SIGKILL)  # mutmut, its workers and their tests
