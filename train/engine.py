@@ -296,10 +296,14 @@ _OPTIMIZER_STATE = {"sgd": {"momentum_buffer": "momentum"},
                     "adamw": {"exp_avg": "adamw_exp_avg", "exp_avg_sq": "adamw_exp_avg_sq", "step": "adamw_step"}}
 
 
+def _state_prefixes(optimizer: torch.optim.Optimizer) -> dict[str, str]:
+    return _OPTIMIZER_STATE["adamw" if isinstance(optimizer, torch.optim.AdamW) else "sgd"]
+
+
 def _save_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                 epoch: int, best_top1: float, metrics_line: str) -> None:
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    prefixes = _OPTIMIZER_STATE["adamw" if isinstance(optimizer, torch.optim.AdamW) else "sgd"]
+    prefixes = _state_prefixes(optimizer)
     for name, p in model.named_parameters():
         for key, value in optimizer.state.get(p, {}).items():
             if key in prefixes and value is not None:
@@ -318,7 +322,7 @@ def _load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     entries, meta = read_tensor_file_header(path)  # a corrupt file: CheckpointError naming it, before any load
     mine = {f"model.{k}": tuple(v.shape) for k, v in model.state_dict().items()}
     params = dict(model.named_parameters())
-    prefixes = _OPTIMIZER_STATE["adamw" if isinstance(optimizer, torch.optim.AdamW) else "sgd"]
+    prefixes = _state_prefixes(optimizer)
     for key, prefix in prefixes.items():
         mine |= {f"{prefix}.{k}": () if key == "step" else tuple(p.shape) for k, p in params.items()}
     misfit = [k for k, e in entries.items() if mine.get(k) != e.shape] + \
